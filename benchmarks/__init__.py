@@ -1,0 +1,1 @@
+"""Benchmark scripts, one per published claim; each prints its tables (see docs/benchmarks.md)."""

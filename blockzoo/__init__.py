@@ -1,0 +1,1 @@
+"""blockzoo package."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `blockzoo` CLI, one module each."""

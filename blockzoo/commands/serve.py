@@ -1,0 +1,51 @@
+"""`blockzoo serve`: the API server (FastAPI on uvicorn) with the engine in the same process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from typing import Any
+
+import uvicorn
+
+from blockzoo.demo_zoo import ADAPTERS, ensure_demo_zoo
+from blockzoo.logging_setup import configure_logging
+from blockzoo.settings import Settings
+from router.server import build_server
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("serve", help="Run the OpenAI-compatible API server.")
+    p.add_argument("--host", default=None, help="interface to bind (default: BLOCKZOO_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default: BLOCKZOO_PORT)")
+    p.add_argument("--demo", action="store_true", help="build the demo zoo first if this data dir has none")
+    p.set_defaults(handler=run)
+
+
+def curl_example(host: str, port: int, key: str, model: str) -> str:
+    body = json.dumps({"model": model, "prompt": "The zoo keeps every block", "max_tokens": 16})
+    return (
+        f"curl -s http://{host}:{port}/v1/completions -H {shlex.quote('Authorization: Bearer ' + key)} "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    built = build_server(settings)
+    keys = ensure_demo_zoo(settings, built.inference.zoo) if args.demo else {}
+    print(f"BlockZoo serving on http://{host}:{port}  (data: {settings.data_dir.resolve()})")
+    if built.new_admin_key is not None:
+        print(f"Admin key (shown once, only its hash is kept): {built.new_admin_key}")
+    print(f"Admin API: http://{host}:{port}/admin/v1  (the admin web UI is not built yet)")
+    if keys:
+        tenant, model = ADAPTERS[0][0], ADAPTERS[0][1]
+        print("Try it:")
+        print("  " + curl_example(host, port, keys[tenant], model))
+        print(f"Demo tenant keys are in {settings.data_dir / 'demo_keys.json'}")
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(built.app, host=host, port=port, log_level=settings.log_level.lower(), log_config=None)
+    return 0

@@ -1,0 +1,111 @@
+"""Process settings, read from `BLOCKZOO_*` environment variables.
+
+Callers construct `Settings()` where they need it and pass the object on; there is no shared instance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1 << 30
+
+
+class Settings(BaseSettings):
+    """Every knob of a BlockZoo process; each field `x` is set by the environment variable `BLOCKZOO_X`."""
+
+    model_config = SettingsConfigDict(env_prefix="BLOCKZOO_", extra="ignore")
+
+    # Storage and services.
+    data_dir: Path = Field(
+        default=Path("./.blockzoo"), description="Root for the block store, the SQLite catalog and caches."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the catalog; None means SQLite under data_dir."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for quotas shared by several API processes; None means in-process."
+    )
+    admin_key: str | None = Field(default=None, description="Bearer key for the admin API and UI.")
+
+    # HTTP server.
+    host: str = Field(default="127.0.0.1", description="Interface the API server binds to.")
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port of the API server.")
+
+    # Engine.
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Compute and storage dtype of weights and KV cache."
+    )
+    page_size: int = Field(default=16, gt=0, description="Tokens per KV-cache page.")
+    num_kv_pages: int | None = Field(
+        default=None, gt=0, description="KV-cache pages; None means as many as fit in kv_cache_memory."
+    )
+    kv_cache_memory: int = Field(default=GiB, gt=0, description="Bytes given to the KV cache.")
+    max_num_seqs: int = Field(default=64, gt=0, description="Most requests running in one step.")
+    max_num_batched_tokens: int = Field(default=512, gt=0, description="Token budget of one forward pass.")
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="Longest prompt plus output; None means the model's own limit."
+    )
+    scheduler_policy: Literal["splitfuse", "prefill_first"] = Field(
+        default="splitfuse",
+        description="splitfuse: fixed token budget mixing prompt chunks with decodes; "
+        "prefill_first: whole prompts before decodes.",
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV pages of shared prompt prefixes.")
+    weights_memory: int | None = Field(
+        default=None, gt=0, description="Bytes of resident block weights; None means no limit."
+    )
+    num_threads: int | None = Field(
+        default=None, gt=0, description="torch intra-op threads; None leaves torch's default."
+    )
+
+    per_block_batching: bool = Field(
+        default=True,
+        description="Run each distinct block once on all rows that use it (BlockLLM); off: one sub-batch per model.",
+    )
+    max_block_rows: int | None = Field(
+        default=None, gt=0, description="Most rows in one block execution (BlockLLM's per-block batch size)."
+    )
+
+    residency_max_wait_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="A waiting request whose blocks are not resident may be passed over for this long, no longer.",
+    )
+
+    # Registration through the API.
+    register_paths: list[Path] = Field(
+        default_factory=list,
+        description="Server folders that registrations by path may read from (JSON list); empty means none.",
+    )
+    max_upload_bytes: int = Field(default=16 * GiB, gt=0, description="Largest multipart upload body.")
+    max_upload_file_bytes: int = Field(default=16 * GiB, gt=0, description="Largest single uploaded file.")
+    max_loaded_models: int = Field(default=32, gt=0, description="Chains kept loaded for serving (LRU).")
+
+    # Logging.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Lowest level that is logged."
+    )
+    log_json: bool = Field(default=False, description="Log JSON lines instead of human-readable text.")
+
+    def resolved_database_url(self) -> str:
+        """The catalog URL: `database_url`, or a SQLite file under `data_dir` when none is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    def resolved_num_kv_pages(self, bytes_per_page: int) -> int:
+        """`num_kv_pages`, or how many pages of `bytes_per_page` bytes fit in `kv_cache_memory`."""
+        if bytes_per_page <= 0:
+            raise ValueError(f"bytes_per_page must be positive, got {bytes_per_page}")
+        if self.num_kv_pages is not None:
+            return self.num_kv_pages
+        pages = self.kv_cache_memory // bytes_per_page
+        if pages == 0:
+            raise ValueError(
+                f"kv_cache_memory={self.kv_cache_memory} bytes holds no page of {bytes_per_page} bytes"
+            )
+        return pages

@@ -1,0 +1,101 @@
+"""Shaping engine outputs into OpenAI's JSON: params in, choices, logprobs, usage and SSE chunks out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from router.openai_schemas import ChatCompletionRequest, CompletionRequest
+from runtime.sampler import TokenLogprobs
+from runtime.sampling_params import SamplingParams
+
+# ChatML: what most chat models expect when a tokenizer ships no template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def sampling_params(
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+) -> SamplingParams:
+    """OpenAI defaults (temperature 1); each of n choices gets its own seed so they differ yet reproduce."""
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=None if req.seed is None else req.seed + choice,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        max_tokens=max_tokens,
+        min_tokens=min(req.min_tokens or 0, max_tokens),
+        ignore_eos=req.ignore_eos,
+        stop=tuple(req.stop_list),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        logprobs=logprobs,
+    )
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> str:
+    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else DEFAULT_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
+    if not isinstance(text, str):
+        raise TypeError("chat template did not render to text")
+    return text
+
+
+def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    return str(tokenizer.decode([token_id]))
+
+
+def completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase, items: list[TokenLogprobs], text_offset: int
+) -> dict[str, Any]:
+    """The legacy completions format: parallel lists plus one {token: logprob} dict per position."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    offset = text_offset
+    for lp in items:
+        text = _token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top.append({_token_text(tokenizer, t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: PreTrainedTokenizerBase, items: list[TokenLogprobs]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in items
+        ]
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()

@@ -1,0 +1,343 @@
+"""OpenAI-compatible inference: /v1/models, /v1/completions, /v1/chat/completions (tenant key)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+
+from router.admission import Admission, admit
+from router.auth import ServicesDep, TenantDep
+from router.errors import APIError
+from router.generation import ChoiceResult, Generation
+from router.inference import InferenceService, LoadedModel, get_inference
+from router.openai_format import (
+    chat_logprobs,
+    chat_prompt,
+    completion_logprobs,
+    sampling_params,
+    sse,
+    usage,
+)
+from router.openai_schemas import ChatCompletionRequest, CompletionRequest
+from router.services import Services
+from zoo.catalog.models import BaseModel, Model
+from zoo.catalog.types import ModelStatus
+from zoo.errors import NotFoundError
+
+router = APIRouter(tags=["inference"])
+InferenceDep = Annotated[InferenceService, Depends(get_inference)]
+
+
+def _list_models(services: Services, tenant_id: int) -> list[dict[str, Any]]:
+    with services.zoo.sessions() as session:
+        rows = session.execute(
+            select(Model, BaseModel.name)
+            .outerjoin(BaseModel, Model.base_model_id == BaseModel.id)
+            .where(
+                (Model.tenant_id == tenant_id) | Model.tenant_id.is_(None), Model.status == ModelStatus.READY
+            )
+            .order_by(Model.id)
+        ).all()
+        out = []
+        for model, base_name in rows:
+            shared = model.tenant_id is None
+            out.append(
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "created": int(model.created_at.timestamp()),
+                    "owned_by": "blockzoo" if shared else "tenant",
+                    "root": model.name if shared else base_name,
+                    "parent": None if shared else base_name,
+                    "kind": model.kind.value,
+                }
+            )
+        return out
+
+
+@router.get("/v1/models")
+async def list_models(principal: TenantDep, services: ServicesDep) -> dict[str, Any]:
+    data = await run_in_threadpool(_list_models, services, principal.tenant_id)
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_name}")
+async def get_model(model_name: str, principal: TenantDep, services: ServicesDep) -> dict[str, Any]:
+    data = await run_in_threadpool(_list_models, services, principal.tenant_id)
+    for entry in data:
+        if entry["id"] == model_name:
+            return dict(entry)
+    raise APIError(404, f"The model '{model_name}' does not exist", param="model", code="model_not_found")
+
+
+async def _load(inference: InferenceService, tenant: str, name: str) -> LoadedModel:
+    try:
+        ref = await run_in_threadpool(inference.resolve, tenant, name)
+    except NotFoundError:
+        raise APIError(
+            404, f"The model '{name}' does not exist", param="model", code="model_not_found"
+        ) from None
+    return await inference.load_async(ref)
+
+
+def _completion_prompts(loaded: LoadedModel, req: CompletionRequest) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        texts: list[str] | None = [prompt]
+    elif prompt and isinstance(prompt[0], str):
+        texts = [p for p in prompt if isinstance(p, str)]
+    else:
+        texts = None
+    if texts is not None:
+        return [list(loaded.tokenizer.encode(t)) for t in texts]
+    if prompt and isinstance(prompt[0], int):
+        return [[p for p in prompt if isinstance(p, int)]]
+    return [list(p) for p in prompt if isinstance(p, list)]
+
+
+def _max_tokens(
+    inference: InferenceService, loaded: LoadedModel, requested: int | None, prompt_len: int
+) -> int:
+    limit = inference.max_model_len(loaded)
+    if prompt_len >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return requested if requested is not None else limit - prompt_len
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@router.post("/v1/completions")
+async def completions(
+    body: CompletionRequest, request: Request, principal: TenantDep, inference: InferenceDep
+) -> Any:
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+    loaded = await _load(inference, principal.tenant, body.model)
+    prompts = _completion_prompts(loaded, body)
+    vocab = loaded.chain.config.vocab_size
+    if any(t >= vocab for p in prompts for t in p):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+    engine_prompts: list[str | list[int]] = []
+    params = []
+    for prompt in prompts:
+        max_tokens = _max_tokens(inference, loaded, body.max_tokens, len(prompt))
+        for j in range(body.n):
+            engine_prompts.append(prompt)
+            params.append(sampling_params(body, max_tokens, body.logprobs, j))
+    echo = [str(loaded.tokenizer.decode(p)) if body.echo else "" for p in prompts for _ in range(body.n)]
+    admission = await admit(request, principal, loaded, sum(len(p) for p in engine_prompts), params)
+    gen = Generation(inference, loaded, principal.tenant, request.state.request_id)
+    try:
+        await gen.add(engine_prompts, params)
+    except BaseException:
+        await admission.finish(gen, [])
+        raise
+    rid, created = _new_id("cmpl"), int(time.time())
+
+    def choice_logprobs(r: ChoiceResult) -> dict[str, Any] | None:
+        if body.logprobs is None:
+            return None
+        items = [lp for o in r.outputs for lp in o.new_logprobs]
+        return completion_logprobs(loaded.tokenizer, items, len(echo[r.index]))
+
+    if not body.stream:
+        results = await _collect(gen, request, admission)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": r.index,
+                        "text": echo[r.index] + r.text,
+                        "logprobs": choice_logprobs(r),
+                        "finish_reason": r.finish_reason,
+                    }
+                    for r in results
+                ],
+                "usage": _usage(results, body.n),
+            },
+            headers=admission.headers,
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        results = [ChoiceResult(i) for i in range(len(engine_prompts))]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        try:
+            for i, text in enumerate(echo):
+                if text:
+                    yield sse(
+                        _chunk(
+                            rid,
+                            created,
+                            body.model,
+                            "text_completion",
+                            {"index": i, "text": text, "logprobs": None, "finish_reason": None},
+                            include_usage,
+                        )
+                    )
+            async for event in gen.events():
+                out, r = event.output, results[event.choice]
+                r.update(out)
+                lp = (
+                    completion_logprobs(loaded.tokenizer, out.new_logprobs, len(echo[r.index]) + len(r.text))
+                    if body.logprobs is not None
+                    else None
+                )
+                choice = {
+                    "index": event.choice,
+                    "text": out.new_text,
+                    "logprobs": lp,
+                    "finish_reason": out.finish_reason,
+                }
+                yield sse(_chunk(rid, created, body.model, "text_completion", choice, include_usage))
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": body.model,
+                        "choices": [],
+                        "usage": _usage(results, body.n),
+                    }
+                )
+            yield sse("[DONE]")
+        finally:
+            await admission.finish(gen, results)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=admission.headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, principal: TenantDep, inference: InferenceDep
+) -> Any:
+    loaded = await _load(inference, principal.tenant, body.model)
+    prompt = list(loaded.tokenizer.encode(chat_prompt(loaded.tokenizer, body), add_special_tokens=False))
+    max_tokens = _max_tokens(inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt))
+    top = body.top_logprobs or 0 if body.logprobs else None
+    params = [sampling_params(body, max_tokens, top, j) for j in range(body.n)]
+    admission = await admit(request, principal, loaded, len(prompt) * body.n, params)
+    gen = Generation(inference, loaded, principal.tenant, request.state.request_id)
+    try:
+        await gen.add([prompt] * body.n, params)
+    except BaseException:
+        await admission.finish(gen, [])
+        raise
+    rid, created = _new_id("chatcmpl"), int(time.time())
+
+    if not body.stream:
+        results = await _collect(gen, request, admission)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": r.index,
+                        "message": {"role": "assistant", "content": r.text},
+                        "logprobs": chat_logprobs(
+                            loaded.tokenizer, [lp for o in r.outputs for lp in o.new_logprobs]
+                        )
+                        if body.logprobs
+                        else None,
+                        "finish_reason": r.finish_reason,
+                    }
+                    for r in results
+                ],
+                "usage": _usage(results, 1),
+            },
+            headers=admission.headers,
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        results = [ChoiceResult(i) for i in range(body.n)]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        obj = "chat.completion.chunk"
+        try:
+            for i in range(body.n):
+                first = {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield sse(_chunk(rid, created, body.model, obj, first, include_usage))
+            async for event in gen.events():
+                out, r = event.output, results[event.choice]
+                r.update(out)
+                delta = {"content": out.new_text} if out.new_text else {}
+                lp = chat_logprobs(loaded.tokenizer, out.new_logprobs) if body.logprobs else None
+                choice = {
+                    "index": event.choice,
+                    "delta": delta,
+                    "logprobs": lp,
+                    "finish_reason": out.finish_reason,
+                }
+                yield sse(_chunk(rid, created, body.model, obj, choice, include_usage))
+            if include_usage:
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": body.model,
+                        "choices": [],
+                        "usage": _usage(results, 1),
+                    }
+                )
+            yield sse("[DONE]")
+        finally:
+            await admission.finish(gen, results)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=admission.headers)
+
+
+async def _collect(gen: Generation, request: Request, admission: Admission) -> list[ChoiceResult]:
+    results: list[ChoiceResult] = []
+    try:
+        results = await gen.collect(request)
+        return results
+    finally:
+        await admission.finish(gen, results)
+
+
+def _usage(results: list[ChoiceResult], n: int) -> dict[str, Any]:
+    # The prompt is counted once per distinct prompt, as OpenAI does for n > 1.
+    prompt = sum(r.prompt_tokens for r in results[::n])
+    cached = sum(r.cached_tokens for r in results[::n])
+    return usage(prompt, sum(len(r.token_ids) for r in results), cached)
+
+
+def _chunk(
+    rid: str, created: int, model: str, obj: str, choice: dict[str, Any], include_usage: bool
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk

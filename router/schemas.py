@@ -1,0 +1,224 @@
+"""Request and response bodies of the admin API and the tenant model API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class _Body(BaseModel):
+    # Unknown fields are refused so that a typo in a quota name is an error, not a silent no-op.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quotas(_Body):
+    """Per-tenant limits; null means unlimited."""
+
+    requests_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    max_concurrent: int | None = Field(default=None, ge=0)
+    max_models: int | None = Field(default=None, ge=0)
+    max_storage_bytes: int | None = Field(default=None, ge=0)
+
+
+class TenantCreate(Quotas):
+    """POST /admin/v1/tenants."""
+
+    name: str = Field(min_length=1, max_length=63)
+
+
+class TenantPatch(Quotas):
+    """PATCH /admin/v1/tenants/{name}: only the fields sent change; null sets a quota to unlimited."""
+
+    disabled: bool | None = None
+
+
+class TenantOut(BaseModel):
+    """A tenant as the admin sees it."""
+
+    name: str
+    created_at: datetime
+    disabled: bool
+    quotas: Quotas
+    models: int
+    storage_bytes: int
+    active_keys: int
+
+
+class TenantCreated(BaseModel):
+    """A new tenant with its first key; the key's plaintext is shown only here."""
+
+    tenant: TenantOut
+    api_key: str
+    quotas: Quotas
+
+
+class KeyCreate(_Body):
+    """POST /admin/v1/tenants/{name}/keys."""
+
+    name: str | None = Field(default=None, max_length=100)
+
+
+class KeyCreated(BaseModel):
+    """A new key; its plaintext is shown only here."""
+
+    api_key: str
+    prefix: str
+    name: str | None
+    created_at: datetime
+
+
+class KeyOut(BaseModel):
+    """A key as listed: never its hash or plaintext."""
+
+    prefix: str
+    name: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class Deleted(BaseModel):
+    """The answer of every DELETE."""
+
+    id: str
+    object: str
+    deleted: bool = True
+
+
+class PathRegistration(_Body):
+    """Registration from a folder on the server (under the allowed roots)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class FineTuneFromPath(PathRegistration):
+    """POST /v1/fine-tunes/from-path."""
+
+    base: str | None = None
+    substitute_within: float | None = Field(default=None, gt=0)
+    compress_delta: bool = False
+
+
+class JobOut(BaseModel):
+    """A registration job: `report` is the registration report once it succeeded."""
+
+    id: int
+    object: str = "registration_job"
+    status: str
+    progress: float
+    stage: str | None
+    model: str
+    error: str | None
+    report: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeltaOut(BaseModel):
+    """A delta applied on top of a chain entry's block."""
+
+    order: int
+    delta_id: str
+    kind: str
+    bytes: int
+    rank: int
+
+
+class ChainEntryOut(BaseModel):
+    """One position of a model's chain."""
+
+    position: int
+    block_id: str
+    kind: str
+    bytes: int
+    shared_with_base: bool
+    deltas: list[DeltaOut]
+
+
+class ModelOut(BaseModel):
+    """A registered model; `tenant` is null for shared bases."""
+
+    name: str
+    object: str = "model"
+    tenant: str | None
+    kind: str
+    status: str
+    base: str | None
+    created_at: datetime
+    naive_bytes: int
+    stored_bytes_new: int
+
+
+class Dedup(BaseModel):
+    """How much of a model is stored once for everyone: blocks the base already has are not stored again."""
+
+    naive_bytes: int
+    stored_bytes_new: int
+    blocks_total: int
+    blocks_shared: int
+    blocks_new: int
+    deltas: int
+
+
+class ModelDetail(ModelOut):
+    """A model with its chain and dedup figures."""
+
+    chain: list[ChainEntryOut]
+    dedup: Dedup
+
+
+class BaseModelOut(BaseModel):
+    """A shared base model."""
+
+    name: str
+    architecture: str
+    status: str
+    created_at: datetime
+    naive_bytes: int
+    fine_tunes: int
+
+
+class UsageOut(BaseModel):
+    """Tokens and requests of one tenant on one model in one UTC hour."""
+
+    tenant: str
+    model: str
+    hour: datetime
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+
+class AuditOut(BaseModel):
+    """One audit-log row."""
+
+    id: int
+    ts: datetime
+    tenant: str | None
+    actor: str
+    action: str
+    model: str | None
+    status: str
+    detail: dict[str, Any] | None
+
+
+class GcOut(BaseModel):
+    """What one garbage collection removed from the block store."""
+
+    removed_blocks: int
+    removed_deltas: int
+    removed_tokenizers: int
+    removed_temp_files: int
+    freed_bytes: int
+
+
+class ListOf(BaseModel, Generic[T]):
+    """`{"object": "list", "data": [...]}`, as OpenAI lists are shaped."""
+
+    object: str = "list"
+    data: list[T]

@@ -1,0 +1,203 @@
+"""An asyncio front for LLMEngine: a background thread steps the engine and streams outputs.
+
+The engine is not thread-safe, so every mutation (add, abort) is sent to the engine thread as a
+command and applied between steps; callers await its result through a future. torch releases the
+GIL inside its kernels, so the event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from runtime.chain import Chain
+from runtime.engine import LLMEngine
+from runtime.outputs import RequestOutput
+from runtime.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_Item = RequestOutput | BaseException
+
+
+class _Stream:
+    """Where one request's outputs go: an asyncio queue fed from the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+    def put(self, item: _Item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class RequestStream:
+    """One request's outputs as an async iterator; leaving it early (or closing it) aborts the request."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, stream: _Stream) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                item = await self._stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self.finished = item.finished
+                yield item
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:
+                await self.abort()
+
+    async def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            await self.engine.abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Streams each request's outputs; aborting a stream (or closing its iterator) aborts the request."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="blockzoo-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps and return its result (or raise its error)."""
+        self.start()
+        fut: Future[Any] = Future()
+        self._commands.put((fn, fut))
+        self._wakeup.set()
+        return await asyncio.wrap_future(fut)
+
+    async def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        chain: Chain | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        tenant: str = "",
+        model: str = "",
+    ) -> RequestStream:
+        """Queue a request and return its stream; bad requests raise here, before any output."""
+        stream = _Stream(asyncio.get_running_loop())
+
+        def add() -> str:
+            # Register the stream before the request can produce output.
+            self._streams[request_id] = stream
+            try:
+                return self.engine.add_request(
+                    prompt,
+                    params,
+                    request_id=request_id,
+                    chain=chain,
+                    tokenizer=tokenizer,
+                    tenant=tenant,
+                    model=model,
+                )
+            except BaseException:
+                self._streams.pop(request_id, None)
+                raise
+
+        await self.call(add)
+        return RequestStream(self, request_id, stream)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        chain: Chain | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        tenant: str = "",
+        model: str = "",
+    ) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id, chain, tokenizer, tenant, model)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            # Closing this generator does not close the inner one; abort explicitly.
+            await stream.abort()
+
+    async def abort(self, request_id: str) -> bool:
+        def do_abort() -> bool:
+            self._streams.pop(request_id, None)
+            return self.engine.abort(request_id)
+
+        result: bool = await self.call(do_abort)
+        return result
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wakeup.clear()
+            self._drain_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait(timeout=1.0)
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug in a step must not hang every client
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                stream.put(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+        self._fail_all(RuntimeError("engine shut down"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            stream.put(exc)
+            self.engine.abort(rid)
+        self._streams.clear()

@@ -1,0 +1,167 @@
+"""The three kinds of block a chain is made of, and their forward passes.
+
+A block holds only its tensors (views of memory-mapped files where possible); the per-step
+context (positions, rotary tables, attention metadata, the KV tensors) is passed in, so the same
+block object can serve rows of many requests and, later, of many models at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.attention import AttentionMetadata, LayerKV, paged_attention
+from runtime.errors import CorruptCheckpointError
+from runtime.lora import DeltaGroups, LayerLora
+from runtime.model_config import ModelConfig
+from runtime.rope import apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as transformers' LlamaRMSNorm, so fp32 results agree bit for bit
+    # and bf16 ones round the same way.
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _require(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    if name not in tensors:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} is missing")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}"
+        )
+    return t
+
+
+class EmbedBlock:
+    """Token embedding: ids → hidden states."""
+
+    kind = "embed"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: ModelConfig, where: str = "embed") -> None:
+        self.weight = _require(tensors, "embed_tokens.weight", (config.vocab_size, config.hidden_size), where)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.weight)
+
+
+class HeadBlock:
+    """Final RMSNorm plus the LM head: hidden states → logits (fp32)."""
+
+    kind = "head"
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        config: ModelConfig,
+        tied_embedding: torch.Tensor | None = None,
+        where: str = "head",
+    ) -> None:
+        self.eps = config.rms_norm_eps
+        self.norm = _require(tensors, "norm.weight", (config.hidden_size,), where)
+        if "lm_head.weight" in tensors:
+            self.lm_head = _require(tensors, "lm_head.weight", (config.vocab_size, config.hidden_size), where)
+        elif tied_embedding is not None:
+            self.lm_head = tied_embedding
+        else:
+            raise CorruptCheckpointError(f"{where}: lm_head.weight is missing and embeddings are not tied")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(hidden, self.norm, self.eps), self.lm_head).float()
+
+
+class LayerBlock:
+    """One decoder layer: RMSNorm → GQA attention with RoPE over paged KV → RMSNorm → SwiGLU MLP."""
+
+    kind = "layer"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: ModelConfig, where: str = "layer") -> None:
+        c = config
+        h, q, kv, inter = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+        self.config = c
+        self.eps = c.rms_norm_eps
+        self.input_norm = _require(tensors, "input_layernorm.weight", (h,), where)
+        self.post_norm = _require(tensors, "post_attention_layernorm.weight", (h,), where)
+        self.wq = _require(tensors, "self_attn.q_proj.weight", (q, h), where)
+        self.wk = _require(tensors, "self_attn.k_proj.weight", (kv, h), where)
+        self.wv = _require(tensors, "self_attn.v_proj.weight", (kv, h), where)
+        self.wo = _require(tensors, "self_attn.o_proj.weight", (h, q), where)
+        self.bq = _require(tensors, "self_attn.q_proj.bias", (q,), where) if c.qkv_bias else None
+        self.bk = _require(tensors, "self_attn.k_proj.bias", (kv,), where) if c.qkv_bias else None
+        self.bv = _require(tensors, "self_attn.v_proj.bias", (kv,), where) if c.qkv_bias else None
+        self.bo = _require(tensors, "self_attn.o_proj.bias", (h,), where) if c.o_bias else None
+        self.q_norm = (
+            _require(tensors, "self_attn.q_norm.weight", (c.head_dim,), where) if c.qk_norm else None
+        )
+        self.k_norm = (
+            _require(tensors, "self_attn.k_norm.weight", (c.head_dim,), where) if c.qk_norm else None
+        )
+        self.w_gate = _require(tensors, "mlp.gate_proj.weight", (inter, h), where)
+        self.w_up = _require(tensors, "mlp.up_proj.weight", (inter, h), where)
+        self.w_down = _require(tensors, "mlp.down_proj.weight", (h, inter), where)
+        self.b_gate = _require(tensors, "mlp.gate_proj.bias", (inter,), where) if c.mlp_bias else None
+        self.b_up = _require(tensors, "mlp.up_proj.bias", (inter,), where) if c.mlp_bias else None
+        self.b_down = _require(tensors, "mlp.down_proj.bias", (h,), where) if c.mlp_bias else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: LayerKV,
+        sliding_window: int | None,
+        lora: LayerLora | None = None,
+    ) -> torch.Tensor:
+        """The whole layer for rows that all run this block (the executor splits it for mixed batches)."""
+        deltas = DeltaGroups.single(lora)
+        q, k, v = self.project_qkv(x, deltas)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        attn = paged_attention(q, k, v, meta, kv, sliding_window)
+        return self.finish(x, attn, deltas)
+
+    def project_qkv(
+        self, x: torch.Tensor, deltas: DeltaGroups
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm and q/k/v projections (plus deltas and q/k norms), before RoPE."""
+        c = self.config
+        t = x.shape[0]
+        h = rms_norm(x, self.input_norm, self.eps)
+        q = F.linear(h, self.wq, self.bq)
+        k = F.linear(h, self.wk, self.bk)
+        v = F.linear(h, self.wv, self.bv)
+        if deltas:
+            q = deltas.add("self_attn.q_proj", h, q)
+            k = deltas.add("self_attn.k_proj", h, k)
+            v = deltas.add("self_attn.v_proj", h, v)
+        q = q.view(t, c.num_heads, c.head_dim)
+        k = k.view(t, c.num_kv_heads, c.head_dim)
+        v = v.view(t, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        return q, k, v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, deltas: DeltaGroups) -> torch.Tensor:
+        """Output projection, residual, post-attention norm and the SwiGLU MLP."""
+        attn = attn.reshape(x.shape[0], self.config.q_size)
+        o = F.linear(attn, self.wo, self.bo)
+        if deltas:
+            o = deltas.add("self_attn.o_proj", attn, o)
+        x = x + o
+        h = rms_norm(x, self.post_norm, self.eps)
+        gate = F.linear(h, self.w_gate, self.b_gate)
+        up = F.linear(h, self.w_up, self.b_up)
+        if deltas:
+            gate = deltas.add("mlp.gate_proj", h, gate)
+            up = deltas.add("mlp.up_proj", h, up)
+        act = F.silu(gate) * up
+        down = F.linear(act, self.w_down, self.b_down)
+        if deltas:
+            down = deltas.add("mlp.down_proj", act, down)
+        return x + down

@@ -1,0 +1,184 @@
+"""The synchronous engine: add requests, step, abort. One step = schedule → execute → sample → output."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from blockzoo.settings import Settings
+from runtime.admission_order import ResidencyAwareOrder
+from runtime.chain import Chain
+from runtime.checkpoint_loader import load_checkpoint, load_tokenizer
+from runtime.errors import PromptTooLongError
+from runtime.executor import ModelExecutor
+from runtime.kv_cache_manager import KVCacheManager
+from runtime.kv_tensors import KVTensors, bytes_per_page
+from runtime.output_processor import OutputProcessor
+from runtime.outputs import RequestOutput
+from runtime.request import Request, RequestStatus
+from runtime.sampler import Sampler
+from runtime.sampling_params import SamplingParams
+from runtime.scheduler import Scheduler
+from runtime.scheduler_config import SchedulerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class EngineStats(NamedTuple):
+    """A snapshot for metrics and tests."""
+
+    num_running: int
+    num_waiting: int
+    num_free_pages: int
+    num_total_pages: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class LLMEngine:
+    """Serves one chain: continuous batching over paged KV with a fixed per-step token budget."""
+
+    def __init__(self, chain: Chain, tokenizer: PreTrainedTokenizerBase, settings: Settings) -> None:
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        self.chain = chain
+        self.tokenizer = tokenizer
+        self.settings = settings
+        config = chain.config
+        self.max_model_len = settings.max_model_len or config.max_position_embeddings
+        num_pages = settings.resolved_num_kv_pages(bytes_per_page(config, settings.page_size, chain.dtype))
+        self.kv_manager = KVCacheManager(num_pages, settings.page_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                page_size=settings.page_size,
+                policy=settings.scheduler_policy,
+                enable_prefix_caching=settings.enable_prefix_caching,
+            ),
+            self.kv_manager,
+            order=ResidencyAwareOrder(settings.residency_max_wait_s),
+        )
+        self.executor = ModelExecutor(
+            chain,
+            KVTensors(config, num_pages, settings.page_size, chain.dtype),
+            per_block_batching=settings.per_block_batching,
+            max_block_rows=settings.max_block_rows,
+        )
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(tokenizer)
+        self.eos_token_ids = frozenset(config.eos_token_ids) | (
+            frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
+        )
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_path(cls, path: Path, settings: Settings | None = None) -> LLMEngine:
+        settings = settings or Settings()
+        chain = load_checkpoint(Path(path), DTYPES[settings.dtype])
+        return cls(chain, load_tokenizer(Path(path)), settings)
+
+    def encode(self, prompt: str | list[int], tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            return list((tokenizer or self.tokenizer).encode(prompt))
+        return list(prompt)
+
+    def check_compatible(self, chain: Chain) -> None:
+        """Chains share this engine's KV pool only if their KV shapes and dtype agree with its own."""
+        a, b = self.chain.config, chain.config
+        shape_a = (a.num_layers, a.num_kv_heads, a.head_dim, self.chain.dtype)
+        shape_b = (b.num_layers, b.num_kv_heads, b.head_dim, chain.dtype)
+        if shape_a != shape_b:
+            raise ValueError(f"chain KV layout {shape_b} does not match this engine's {shape_a}")
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+        chain: Chain | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        tenant: str = "",
+        model: str = "",
+    ) -> str:
+        """Queue a request (on `chain`, default the engine's own); raises RequestError if it can never fit."""
+        if chain is not None:
+            self.check_compatible(chain)
+        run_chain = chain or self.chain
+        token_ids = self.encode(prompt, tokenizer)
+        if not token_ids:
+            raise PromptTooLongError("the prompt is empty after tokenization")
+        vocab = run_chain.config.vocab_size
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise PromptTooLongError(f"prompt token ids must be in [0, {vocab})")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        eos = frozenset(run_chain.config.eos_token_ids)
+        tok = tokenizer or self.tokenizer
+        if tok.eos_token_id is not None:
+            eos |= {tok.eos_token_id}
+        request = Request(
+            rid,
+            token_ids,
+            params,
+            eos_token_ids=eos if chain is not None else self.eos_token_ids,
+            chain_digest=run_chain.digest,
+            arrival_time=arrival_time,
+            tenant=tenant,
+            model=model,
+            chain=chain,
+        )
+        self.scheduler.add_request(request)
+        self.outputs.add(request, tokenizer)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.abort_request(request_id)
+        if request is None:
+            return False
+        self.outputs.remove(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.scheduler.has_unfinished)
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        # BlockLLM's speculative loading: fetch the blocks of queued requests while this step runs.
+        for waiting in self.scheduler.waiting_head(self.settings.max_num_seqs):
+            (waiting.chain or self.chain).prefetch()
+        if plan.empty:
+            return []
+        result = self.executor.execute(plan)
+        self.scheduler.update_after_step(plan)
+        sampled = self.sampler(result.logits, result.requests)
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for request, token, logprob in zip(result.requests, sampled.token_ids, sampled.logprobs, strict=True):
+            request.append_output_token(token)
+            out = self.outputs.process(request, token, logprob, now)
+            if out.finished:
+                self.scheduler.finish_request(request, RequestStatus(out.finish_reason))
+            outputs.append(out)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_pages=kv.num_free_pages,
+            num_total_pages=kv.num_total_pages,
+            kv_usage=kv.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_queries=kv.prefix_stats.queries,
+            prefix_hits=kv.prefix_stats.hits,
+        )

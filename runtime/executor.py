@@ -1,0 +1,236 @@
+"""Runs one scheduled step over a chain: a varlen batched forward with paged attention."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from runtime.attention import AttentionMetadata, PrefillSpan, paged_attention
+from runtime.block_batching import BatchPlan, LayerGroup
+from runtime.chain import Chain
+from runtime.kv_tensors import KVTensors
+from runtime.request import Request
+from runtime.rope import apply_rotary
+from runtime.scheduler_output import ExecutorOutput, ScheduledChunk, SchedulerOutput
+
+
+class BatchInputs(NamedTuple):
+    """Flattened inputs of one step: one row per scheduled token."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor
+    sample_requests: list[Request]
+    segments: list[tuple[Chain, int, int]]
+
+
+class ModelExecutor:
+    """Executes what the scheduler decided; it never decides anything itself."""
+
+    def __init__(
+        self, chain: Chain, kv: KVTensors, per_block_batching: bool = True, max_block_rows: int | None = None
+    ) -> None:
+        self.chain = chain
+        self.kv = kv
+        self.page_size = kv.page_size
+        self.per_block_batching = per_block_batching
+        self.max_block_rows = max_block_rows
+
+    def _slot(self, request: Request, position: int) -> int:
+        return request.page_table[position // self.page_size] * self.page_size + position % self.page_size
+
+    def _context_slots(self, page_tables: list[list[int]], length: int) -> torch.Tensor:
+        """Slots of positions [0, length) for each page table, padded with slot 0: [B, length]."""
+        ps = self.page_size
+        num_pages = (length + ps - 1) // ps
+        table = torch.zeros(len(page_tables), num_pages, dtype=torch.int64)
+        for i, pt in enumerate(page_tables):
+            n = min(len(pt), num_pages)
+            table[i, :n] = torch.tensor(pt[:n], dtype=torch.int64)
+        slots = table[:, :, None] * ps + torch.arange(ps)[None, None, :]
+        return slots.reshape(len(page_tables), num_pages * ps)[:, :length]
+
+    def prepare(self, output: SchedulerOutput) -> BatchInputs:
+        # Decode-shaped chunks (one token) go first so they can share one padded attention call.
+        decodes = [c for c in output.chunks if c.num_tokens == 1]
+        prefills = [c for c in output.chunks if c.num_tokens != 1]
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_row: dict[int, int] = {}
+        segments: list[tuple[Chain, int, int]] = []
+        for chunk in decodes:
+            req = chunk.request
+            pos = req.num_computed_tokens
+            last_row[id(chunk)] = len(token_ids)
+            _extend_segments(segments, req.chain or self.chain, len(token_ids), 1)
+            token_ids.append(req.token_at(pos))
+            positions.append(pos)
+            slots.append(self._slot(req, pos))
+        decode_lengths = torch.tensor([p + 1 for p in positions], dtype=torch.int64)
+        if decodes:
+            max_len = int(decode_lengths.max())
+            decode_slots = self._context_slots([c.request.page_table for c in decodes], max_len)
+        else:
+            decode_slots = torch.zeros(0, 0, dtype=torch.int64)
+        spans: list[PrefillSpan] = []
+        for chunk in prefills:
+            _extend_segments(segments, chunk.request.chain or self.chain, len(token_ids), chunk.num_tokens)
+            spans.append(self._add_prefill(chunk, token_ids, positions, slots))
+            last_row[id(chunk)] = len(token_ids) - 1
+        sampled = [c for c in output.chunks if c.sample]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            num_decode_rows=len(decodes),
+            decode_slots=decode_slots,
+            decode_positions=decode_lengths - 1,
+            decode_lengths=decode_lengths,
+            prefills=spans,
+        )
+        return BatchInputs(
+            token_ids=torch.tensor(token_ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            meta=meta,
+            sample_rows=torch.tensor([last_row[id(c)] for c in sampled], dtype=torch.int64),
+            sample_requests=[c.request for c in sampled],
+            segments=segments,
+        )
+
+    def _add_prefill(
+        self, chunk: ScheduledChunk, token_ids: list[int], positions: list[int], slots: list[int]
+    ) -> PrefillSpan:
+        req = chunk.request
+        start = req.num_computed_tokens
+        end = start + chunk.num_tokens
+        row_start = len(token_ids)
+        token_ids.extend(req.tokens_slice(start, end))
+        positions.extend(range(start, end))
+        slots.extend(self._slot(req, p) for p in range(start, end))
+        context = None if start == 0 else self._context_slots([req.page_table], end)[0]
+        return PrefillSpan(row_start, chunk.num_tokens, start, context)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> ExecutorOutput:
+        """Run the step. Rows of different chains share one forward, block by block (or, with
+        per-block batching off, each chain runs its own sub-batch over the shared KV)."""
+        chains = list({id(c): c for c in (ch.request.chain or self.chain for ch in output.chunks)}.values())
+        for chain in chains:
+            chain.pin()
+        try:
+            return self._execute(output, chains)
+        finally:
+            for chain in chains:
+                chain.unpin()
+
+    def _execute(self, output: SchedulerOutput, chains: list[Chain]) -> ExecutorOutput:
+        if not self.per_block_batching:
+            return self._execute_per_chain(output)
+        batch = self.prepare(output)
+        num_rows = int(batch.token_ids.numel())
+        # The common one-model step needs no grouping plan: the decode hot path stays as lean as before.
+        if len(chains) == 1 and (self.max_block_rows is None or num_rows <= self.max_block_rows):
+            return self._forward_chain(batch, chains[0])
+        plan = BatchPlan(batch.segments, num_rows, self.max_block_rows)
+        return ExecutorOutput(logits=forward_plan(plan, batch, self.kv), requests=batch.sample_requests)
+
+    def _execute_per_chain(self, output: SchedulerOutput) -> ExecutorOutput:
+        groups: dict[int, list[ScheduledChunk]] = {}
+        for chunk in output.chunks:
+            groups.setdefault(id(chunk.request.chain or self.chain), []).append(chunk)
+        results = [
+            self._forward_chain(
+                self.prepare(SchedulerOutput(chunks, [], 0)), chunks[0].request.chain or self.chain
+            )
+            for chunks in groups.values()
+        ]
+        # Hand the logits back in the plan's order of sampling chunks.
+        rows = {id(r): (i, j) for i, res in enumerate(results) for j, r in enumerate(res.requests)}
+        order = [c.request for c in output.chunks if c.sample]
+        if not order:
+            return ExecutorOutput(torch.empty(0, self.chain.config.vocab_size), [])
+        logits = torch.stack([results[rows[id(r)][0]].logits[rows[id(r)][1]] for r in order])
+        return ExecutorOutput(logits=logits, requests=order)
+
+    def _forward_chain(self, batch: BatchInputs, chain: Chain) -> ExecutorOutput:
+        cos, sin = chain.rotary.lookup(batch.positions)
+        hidden = chain.embed.forward(batch.token_ids)
+        windows = chain.config.sliding_windows
+        for i, layer in enumerate(chain.layers):
+            hidden = layer.forward(
+                hidden, cos, sin, batch.meta, self.kv.layers[i], windows[i], chain.delta_for(i)
+            )
+        logits = chain.head.forward(hidden[batch.sample_rows])
+        return ExecutorOutput(logits=logits, requests=batch.sample_requests)
+
+
+def _extend_segments(segments: list[tuple[Chain, int, int]], chain: Chain, start: int, n: int) -> None:
+    if segments and segments[-1][0] is chain and segments[-1][2] == start:
+        segments[-1] = (chain, segments[-1][1], start + n)
+    else:
+        segments.append((chain, start, start + n))
+
+
+def forward_plan(plan: BatchPlan, batch: BatchInputs, kv: KVTensors) -> torch.Tensor:
+    """The per-block forward of a mixed batch; returns the logits of the sampled rows."""
+    first = plan.chains[0]
+    config = first.config
+    num_rows = plan.num_rows
+    hidden = torch.empty(num_rows, config.hidden_size, dtype=first.dtype)
+    for embed, rows in plan.embed_groups():
+        if rows is None:
+            hidden = embed.forward(batch.token_ids)
+        else:
+            hidden[rows] = embed.forward(batch.token_ids[rows])
+    cos = torch.empty(num_rows, config.head_dim, dtype=first.dtype)
+    sin = torch.empty_like(cos)
+    for rotary, rows in plan.rope_groups():
+        c, s = rotary.lookup(batch.positions if rows is None else batch.positions[rows])
+        if rows is None:
+            cos, sin = c, s
+        else:
+            cos[rows], sin[rows] = c, s
+    for i in range(config.num_layers):
+        hidden = _layer_step(plan.layer_groups(i), hidden, cos, sin, batch, kv, i, config.sliding_windows[i])
+    sampled = hidden[batch.sample_rows]
+    logits = torch.empty(sampled.shape[0], config.vocab_size, dtype=torch.float32)
+    for head, rows in plan.head_groups(batch.sample_rows):
+        if rows is None:
+            logits = head.forward(sampled)
+        else:
+            logits[rows] = head.forward(sampled[rows])
+    return logits
+
+
+def _layer_step(
+    groups: list[LayerGroup],
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    batch: BatchInputs,
+    kv: KVTensors,
+    index: int,
+    window: int | None,
+) -> torch.Tensor:
+    config = groups[0].block.config
+    n = x.shape[0]
+    q = x.new_empty(n, config.num_heads, config.head_dim)
+    k = x.new_empty(n, config.num_kv_heads, config.head_dim)
+    v = x.new_empty(n, config.num_kv_heads, config.head_dim)
+    for g in groups:
+        qg, kg, vg = g.block.project_qkv(x if g.rows is None else x[g.rows], g.deltas)
+        if g.rows is None:
+            q, k, v = qg, kg, vg
+        else:
+            q[g.rows], k[g.rows], v[g.rows] = qg, kg, vg
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    attn = paged_attention(q, k, v, batch.meta, kv.layers[index], window)
+    out = torch.empty_like(x)
+    for g in groups:
+        if g.rows is None:
+            out = g.block.finish(x, attn, g.deltas)
+        else:
+            out[g.rows] = g.block.finish(x[g.rows], attn[g.rows], g.deltas)
+    return out

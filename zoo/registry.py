@@ -1,0 +1,387 @@
+"""The zoo's front door: register bases, full fine-tunes and LoRA adapters; resolve and delete models.
+
+Every registration validates all input before it writes anything, then writes content files
+(atomic, deduplicated), then records the model in one catalog transaction. A failure removes the
+files it created; a crash leaves at most unreferenced files, which `gc` removes. So the catalog
+never names a file that is missing, and no failed registration leaves a row behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from runtime.chain import Chain
+from runtime.checkpoint_loader import load_tokenizer
+from runtime.errors import MissingFileError
+from runtime.model_config import ModelConfig
+from runtime.residency import BlockResidency
+from zoo.adapter_chain import adapter_chain
+from zoo.base_matching import base_for_adapter, base_for_checkpoint
+from zoo.block_store import BlockStore, GcReport
+from zoo.blocks import BlockData, DeltaData
+from zoo.catalog.models import BaseModel, Block, ChainEntryDelta, Delta, Model, Tenant
+from zoo.catalog.models import ChainEntry as ChainEntryRow
+from zoo.catalog.types import ModelKind, ModelStatus
+from zoo.catalog_writer import build_new_model, model_entries, record_model, release_model
+from zoo.chain_loader import ChainEntry, load_chain_entries
+from zoo.errors import (
+    DuplicateNameError,
+    NotFoundError,
+    RegistrationError,
+)
+from zoo.finetune_plan import FineTuneOptions, plan_fine_tune
+from zoo.names import shape_digest, validate_model_name
+from zoo.peft_adapter import is_peft_adapter
+from zoo.reports import RegistrationReport
+from zoo.splitter import SplitCheckpoint, split_checkpoint
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+Namespace = Literal["blocks", "deltas"]
+
+
+class ModelRef(NamedTuple):
+    """A resolved model: what the runtime needs to load and serve it."""
+
+    id: int
+    name: str
+    tenant: str | None
+    kind: str
+    raw_config: dict[str, Any]
+    tokenizer_id: str
+    chain_digest: str
+    entries: list[ChainEntry]
+    base: str | None
+
+
+class Zoo:
+    """Catalog plus block store; the only place that changes either."""
+
+    def __init__(self, sessions: sessionmaker[Session], store: BlockStore) -> None:
+        self.sessions = sessions
+        self.store = store
+
+    # -- registration ------------------------------------------------------------------------
+
+    def add_base(self, name: str, folder: Path, progress: Progress | None = None) -> RegistrationReport:
+        """Register a shared base model from a checkpoint folder."""
+        start = time.perf_counter()
+        validate_model_name(name)
+        with self.sessions() as session:
+            if session.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
+                raise DuplicateNameError(f"a base model named {name!r} already exists")
+        split = self._split(Path(folder), progress)
+        entries = [ChainEntry(b.block_id) for b in split.blocks]
+        report = RegistrationReport(model=name, kind="base", base=None)
+
+        def record(session: Session, tokenizer_id: str) -> Model:
+            base = BaseModel(
+                name=name,
+                shape_digest=shape_digest(split.config),
+                architecture=split.config.architecture,
+                config_json=split.raw_config,
+            )
+            session.add(base)
+            session.flush()
+            return record_model(
+                session,
+                build_new_model(
+                    self.sessions,
+                    None,
+                    name,
+                    ModelKind.BASE,
+                    base.id,
+                    split.raw_config,
+                    tokenizer_id,
+                    entries,
+                    split.blocks,
+                    [],
+                ),
+            )
+
+        self._write(report, split.blocks, [], Path(folder), record, progress)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def register(
+        self,
+        tenant: str,
+        name: str,
+        folder: Path,
+        base: str | None = None,
+        progress: Progress | None = None,
+        options: FineTuneOptions | None = None,
+    ) -> RegistrationReport:
+        """Register a tenant's fine-tune: a PEFT LoRA adapter folder or a full checkpoint folder.
+
+        `options` (full fine-tunes only) asks for equivalence substitution and delta compression.
+        """
+        start = time.perf_counter()
+        folder = Path(folder)
+        validate_model_name(name)
+        tenant_id = self._tenant_id(tenant)
+        with self.sessions() as session:
+            taken = session.scalar(select(Model.id).where(Model.tenant_id == tenant_id, Model.name == name))
+            if taken is not None:
+                raise DuplicateNameError(f"tenant {tenant!r} already has a model named {name!r}")
+        _check_folder(folder)
+        if is_peft_adapter(folder):
+            report = self._register_adapter(tenant_id, name, folder, base, progress)
+        else:
+            report = self._register_full(
+                tenant_id, name, folder, base, progress, options or FineTuneOptions()
+            )
+        report.seconds = time.perf_counter() - start
+        log.info(
+            "registered",
+            extra={
+                "tenant": tenant,
+                "model": name,
+                "kind": report.kind,
+                "blocks_new": report.blocks_new,
+                "bytes_new": report.bytes_new,
+            },
+        )
+        return report
+
+    def _register_full(
+        self,
+        tenant_id: int,
+        name: str,
+        folder: Path,
+        base_name: str | None,
+        progress: Progress | None,
+        options: FineTuneOptions,
+    ) -> RegistrationReport:
+        split = self._split(folder, progress)
+        base = base_for_checkpoint(self.sessions, split, base_name)
+        report = RegistrationReport(model=name, kind="full", base=base.name)
+        base_ref = self.resolve(None, base.name)
+        tokenizer_dir = folder if has_tokenizer(folder) else self.store.tokenizer_path(base_ref.tokenizer_id)
+        plan = plan_fine_tune(
+            split,
+            base_ref.entries,
+            base_ref.raw_config,
+            self.store,
+            load_tokenizer(tokenizer_dir),
+            options,
+            progress,
+        )
+        report.substituted_layers = plan.substituted
+        report.compressed_layers = plan.compressed
+        report.layers = plan.layers
+        report.effect = plan.effect
+
+        def record(session: Session, tokenizer_id: str) -> Model:
+            return record_model(
+                session,
+                build_new_model(
+                    self.sessions,
+                    tenant_id,
+                    name,
+                    ModelKind.FULL,
+                    base.id,
+                    split.raw_config,
+                    tokenizer_id,
+                    plan.entries,
+                    plan.blocks,
+                    plan.deltas,
+                ),
+            )
+
+        self._write(report, plan.blocks, plan.deltas, tokenizer_dir, record, progress, plan.entries)
+        return report
+
+    def _register_adapter(
+        self, tenant_id: int, name: str, folder: Path, base_name: str | None, progress: Progress | None
+    ) -> RegistrationReport:
+        base, adapter = base_for_adapter(self.sessions, folder, base_name)
+        base_ref = self.resolve(None, base.name)
+        config = ModelConfig.from_hf_dict(base_ref.raw_config)
+        built = adapter_chain(adapter, base_ref.entries, config, self.store)
+        report = RegistrationReport(model=name, kind="lora", base=base.name)
+
+        def record(session: Session, _tokenizer_id: str) -> Model:
+            return record_model(
+                session,
+                build_new_model(
+                    self.sessions,
+                    tenant_id,
+                    name,
+                    ModelKind.LORA,
+                    base.id,
+                    base_ref.raw_config,
+                    base_ref.tokenizer_id,
+                    built.entries,
+                    built.new_blocks,
+                    built.deltas,
+                ),
+            )
+
+        self._write(report, built.new_blocks, built.deltas, None, record, progress, built.entries)
+        return report
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _split(self, folder: Path, progress: Progress | None) -> SplitCheckpoint:
+        _check_folder(folder)
+
+        def tick(done: int, total: int) -> None:
+            if progress is not None:
+                progress("hashing blocks", done / max(total, 1))
+
+        return split_checkpoint(folder, progress=tick)
+
+    def _tenant_id(self, tenant: str) -> int:
+        with self.sessions() as session:
+            tid = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
+        if tid is None:
+            raise NotFoundError(f"unknown tenant {tenant!r}")
+        return tid
+
+    def _write(
+        self,
+        report: RegistrationReport,
+        blocks: list[BlockData],
+        deltas: list[DeltaData],
+        tokenizer_folder: Path | None,
+        record: Callable[[Session, str], Model],
+        progress: Progress | None,
+        entries: list[ChainEntry] | None = None,
+    ) -> None:
+        created: list[tuple[str, Namespace]] = []
+        try:
+            tokenizer_id = self.store.put_tokenizer(tokenizer_folder) if tokenizer_folder is not None else ""
+            items: list[BlockData | DeltaData] = [*blocks, *deltas]
+            for i, item in enumerate(items):
+                result = self.store.put(item)
+                if result.created:
+                    created.append((result.block_id, "blocks" if isinstance(item, BlockData) else "deltas"))
+                    report.bytes_new += item.tensor_bytes()
+                    if isinstance(item, BlockData):
+                        report.blocks_new += 1
+                    else:
+                        report.deltas_new += 1
+                if progress is not None:
+                    progress("writing blocks", (i + 1) / max(len(items), 1))
+            with self.sessions() as session, session.begin():
+                model = record(session, tokenizer_id)
+                report.naive_bytes = model.naive_bytes
+                model.stored_bytes_new = report.bytes_new
+            chain = entries if entries is not None else [ChainEntry(b.block_id) for b in blocks]
+            new_ids = {bid for bid, _ in created}
+            report.blocks_total = len(chain)
+            report.blocks_shared = sum(1 for e in chain if e.block_id not in new_ids)
+            report.bytes_shared = report.naive_bytes - report.bytes_new
+        except IntegrityError as exc:
+            self._discard(created)
+            raise DuplicateNameError(f"a model named {report.model!r} was registered concurrently") from exc
+        except BaseException:
+            self._discard(created)
+            raise
+
+    def _discard(self, created: list[tuple[str, Namespace]]) -> None:
+        """Remove files this registration created, unless the catalog names them (another writer)."""
+        with self.sessions() as session:
+            for content_id, namespace in created:
+                table = Block if namespace == "blocks" else Delta
+                if session.get(table, content_id) is None:
+                    self.store.delete(content_id, namespace=namespace)
+
+    # -- reading and deleting ----------------------------------------------------------------
+
+    def resolve(self, tenant: str | None, name: str) -> ModelRef:
+        """The model `name` as `tenant` sees it: its own models first, then the shared bases."""
+        with self.sessions() as session:
+            model = None
+            if tenant is not None:
+                model = session.scalar(
+                    select(Model)
+                    .join(Tenant, Model.tenant_id == Tenant.id)
+                    .where(Tenant.name == tenant, Model.name == name)
+                )
+            if model is None:
+                model = session.scalar(select(Model).where(Model.tenant_id.is_(None), Model.name == name))
+            if model is None or model.status != ModelStatus.READY:
+                raise NotFoundError(f"model {name!r} not found")
+            base = session.get(BaseModel, model.base_model_id) if model.base_model_id is not None else None
+            return ModelRef(
+                id=model.id,
+                name=model.name,
+                tenant=tenant if model.tenant_id is not None else None,
+                kind=model.kind.value,
+                raw_config=dict(model.config_json or {}),
+                tokenizer_id=model.tokenizer_id or "",
+                chain_digest=model.chain_digest or "",
+                entries=model_entries(session, model.id),
+                base=base.name if base is not None else None,
+            )
+
+    def load_chain(
+        self, ref: ModelRef, dtype: torch.dtype, verify: bool = False, residency: BlockResidency | None = None
+    ) -> Chain:
+        """The model's chain; with `residency`, its blocks load on demand into that weights budget."""
+        return load_chain_entries(
+            self.store, ref.entries, ref.raw_config, dtype, verify=verify, residency=residency
+        )
+
+    def tokenizer_path(self, ref: ModelRef) -> Path:
+        return self.store.tokenizer_path(ref.tokenizer_id)
+
+    def delete_model(self, tenant: str | None, name: str) -> None:
+        """Delete a tenant's model (or, with tenant None, a base that no fine-tune uses)."""
+        with self.sessions() as session, session.begin():
+            if tenant is None:
+                model = session.scalar(select(Model).where(Model.tenant_id.is_(None), Model.name == name))
+            else:
+                model = session.scalar(
+                    select(Model)
+                    .join(Tenant, Model.tenant_id == Tenant.id)
+                    .where(Tenant.name == tenant, Model.name == name)
+                )
+            if model is None:
+                raise NotFoundError(f"model {name!r} not found")
+            if model.kind == ModelKind.BASE:
+                users = session.scalar(
+                    select(Model.id).where(Model.base_model_id == model.base_model_id, Model.id != model.id)
+                )
+                if users is not None:
+                    raise RegistrationError(f"base {name!r} still has fine-tunes registered on it")
+            base_id = model.base_model_id if model.kind == ModelKind.BASE else None
+            release_model(session, model)
+            if base_id is not None:
+                base_row = session.get(BaseModel, base_id)
+                if base_row is not None:
+                    session.delete(base_row)
+
+    def gc(self) -> GcReport:
+        """Remove store files the catalog does not name (failed or crashed registrations, deletions)."""
+        with self.sessions() as session:
+            blocks = set(session.scalars(select(ChainEntryRow.block_id)))
+            blocks |= set(session.scalars(select(Block.id)))
+            deltas = set(session.scalars(select(ChainEntryDelta.delta_id))) | set(
+                session.scalars(select(Delta.id))
+            )
+            tokenizers = {t for t in session.scalars(select(Model.tokenizer_id)) if t}
+        return self.store.gc(blocks, referenced_deltas=deltas, referenced_tokenizers=tokenizers)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise MissingFileError(f"{folder}: not a directory")
+    if not any(folder.iterdir()):
+        raise MissingFileError(f"{folder}: the folder is empty")
