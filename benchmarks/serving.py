@@ -37,7 +37,6 @@ from benchmarks.serving_micro import print_micro
 from benchmarks.serving_profile import Snapshot, StepTimer, Times, snapshot, step_stats, times_by_group
 from benchmarks.serving_report import Measured, print_profile, print_workload
 from benchmarks.serving_server import DemoServer, demo_server, uvicorn_impl
-from benchmarks.serving_whatif import cache_catalog
 from benchmarks.serving_workload import Schedule, Target, WorkloadSpec, build_schedule, lognormal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,11 +93,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-num-seqs", type=int, default=64, help="demo server: engine batch size")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="demo server: token budget")
     ap.add_argument("--threads", type=int, help="demo server: torch intra-op threads (default: torch's)")
-    ap.add_argument(
-        "--what-if",
-        choices=["cache-catalog"],
-        help="demo server: measure a suggested fix (benchmarks/serving_whatif.py), not the product as is",
-    )
     ap.add_argument(
         "--switch-interval", type=float, help="demo server: sys.setswitchinterval, seconds (default 0.005)"
     )
@@ -165,7 +159,6 @@ def compare(args: argparse.Namespace, plan: Plan, server: DemoServer, work: Path
     schedule = workload(args, plan, server.targets)
     print_workload(schedule, args, server.targets)
     slo = SLO(args.slo_ttft, args.slo_tpot)
-    write_usage = cache_catalog(server) if args.what_if == "cache-catalog" else None
     # Warm up both paths (chains loaded, engine thread started, connections, torch) on a short schedule.
     warm = Schedule(schedule.targets, schedule.requests[: 2 * len(schedule.targets)])
     asyncio.run(run_direct(server.inference, warm, "warmup"))
@@ -193,8 +186,6 @@ def compare(args: argparse.Namespace, plan: Plan, server: DemoServer, work: Path
             runs[system].append(m)
             rows.append([rep + 1, *summary_row(m.summary)])
             print(f"  repeat {rep + 1} {name}: {m.summary.tokens_per_s:.1f} output tokens/s", flush=True)
-    if write_usage is not None:
-        write_usage()
     print(f"\n## Every run ({repeats} repeats, alternating which system goes first)")
     print(table(["repeat", *SUMMARY_HEADERS], rows))
     print(f"\n## Median over repeats (goodput SLO: TTFT <= {slo.ttft_s:g}s and TPOT <= {slo.tpot_s:g}s)")
@@ -308,7 +299,6 @@ def main() -> None:
     print(
         f"server: {uvicorn_impl()}, GIL switch interval {1000 * sys.getswitchinterval():g} ms;"
         f" HTTP client: {args.client}, in {client_where(args)}"
-        + (f"\nWHAT-IF run: {args.what_if} (see benchmarks/serving_whatif.py)" if args.what_if else "")
     )
     with tempfile.TemporaryDirectory(prefix="bz-serving-") as tmp, demo_server(engine) as server:
         overhead = compare(args, plan, server, Path(tmp))

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from benchmarks.report import table
 from benchmarks.serving_server import DemoServer
-from router.openai_format import sse
+from router.sse_chunks import ChunkFramer
 from router.usage import UsageRecorder
 from zoo.catalog.tenants import authenticate, get_tenant
 
@@ -59,14 +59,10 @@ def print_micro(server: DemoServer, mean_output_tokens: float) -> None:
             if authenticate(session, target.api_key) is None:
                 raise RuntimeError("the demo key did not authenticate")
 
-    chunk = {
-        "id": "cmpl-0123456789abcdef01234567",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": target.model,
-        "choices": [{"index": 0, "text": " word", "logprobs": None, "finish_reason": None}],
-        "usage": None,
-    }
+    framer = ChunkFramer(
+        "cmpl-0123456789abcdef01234567", int(time.time()), target.model, "text_completion", True
+    )
+    choice = {"index": 0, "text": " word", "logprobs": None, "finish_reason": None}
     per_request = [
         ("authenticate the API key (catalog query)", time_call(auth, 200)),
         (
@@ -89,6 +85,6 @@ def print_micro(server: DemoServer, mean_output_tokens: float) -> None:
             1e6 * total / mean_output_tokens,
         ]
     )
-    rows.append(["per token: encode one SSE chunk (json.dumps)", 1e6 * time_call(lambda: sse(chunk), 5000)])
+    rows.append(["per token: encode one SSE chunk", 1e6 * time_call(lambda: framer.chunk(choice), 5000)])
     print("\n## Microbenchmarks of the HTTP path (this server, this machine; wall time)")
     print(table(["operation", "µs per call"], rows))

@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=16 * GiB, gt=0, description="Largest multipart upload body.")
     max_upload_file_bytes: int = Field(default=16 * GiB, gt=0, description="Largest single uploaded file.")
     max_loaded_models: int = Field(default=32, gt=0, description="Chains kept loaded for serving (LRU).")
+    catalog_cache_ttl_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="How long API keys and model lookups are reused on the request path; changes made"
+        " through this server apply at once, through other processes within this time. 0 disables it.",
+    )
+    usage_flush_interval_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Usage is summed in memory and written to the catalog this often (and at shutdown).",
+    )
 
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

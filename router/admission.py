@@ -12,11 +12,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 
-from router.auth import Principal
 from router.generation import ChoiceResult, Generation
 from router.inference import LoadedModel
+from router.principal import Principal
 from runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,14 +44,7 @@ class Admission:
                 await self.lease.release(prompt + completion)
             usage = getattr(state, "usage", None)
             if usage is not None and results:
-                await run_in_threadpool(
-                    usage.record,
-                    self.principal.tenant_id,
-                    self.loaded.ref.id,
-                    prompt,
-                    completion,
-                    datetime.now(UTC),
-                )
+                usage.add(self.principal.tenant_id, self.loaded.ref.id, prompt, completion, datetime.now(UTC))
             metrics = getattr(state, "metrics", None)
             if metrics is not None and results:
                 timing = gen.timing

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, NamedTuple
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from router.errors import APIError
+from router.principal import Principal
 from router.services import Services, get_services
 from zoo.catalog.tenants import authenticate
-
-
-class Principal(NamedTuple):
-    """The tenant a request acts for, with its quota limits (None = unlimited)."""
-
-    tenant_id: int
-    tenant: str
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
-    max_concurrent: int | None
-    max_models: int | None
-    max_storage_bytes: int | None
 
 
 def _bearer(request: Request) -> str:
@@ -57,9 +46,15 @@ def _lookup(services: Services, key: str) -> Principal | None:
 
 async def require_tenant(request: Request, services: Annotated[Services, Depends(get_services)]) -> Principal:
     key = _bearer(request)
+    cache = services.catalog_cache
+    principal = cache.principal(key)
+    if principal is not None:
+        return principal
+    generation = cache.generation
     principal = await run_in_threadpool(_lookup, services, key)
     if principal is None:
         raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+    cache.put_principal(key, principal, generation)
     return principal
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -104,44 +105,68 @@ class Generation:
         for stream in self.streams:
             await stream.abort()
 
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
-        """All choices' outputs, merged in arrival order."""
-        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
+    async def events(self) -> AsyncIterator[list[ChoiceEvent]]:
+        """All choices' outputs in arrival order, in batches of whatever had arrived by then."""
+        try:
+            if len(self.streams) == 1:
+                # The common case needs no merging: no pump task, no second queue.
+                async with aclosing(self.streams[0].batches()) as batches:
+                    async for outputs in batches:
+                        yield self._events(0, outputs)
+            else:
+                async with aclosing(self._merged()) as merged:
+                    async for events in merged:
+                        yield events
+        finally:
+            await self.abort()
+
+    def _events(self, choice: int, outputs: list[RequestOutput]) -> list[ChoiceEvent]:
+        for out in outputs:
+            if out.new_token_ids:
+                self.timing.mark()
+        return [ChoiceEvent(choice, out) for out in outputs]
+
+    async def _merged(self) -> AsyncGenerator[list[ChoiceEvent], None]:
+        queue: asyncio.Queue[list[ChoiceEvent] | BaseException | None] = asyncio.Queue()
 
         async def pump(index: int, stream: RequestStream) -> None:
             try:
-                async for out in stream:
-                    await queue.put(ChoiceEvent(index, out))
+                async for outputs in stream.batches():
+                    queue.put_nowait(self._events(index, outputs))
             except BaseException as exc:
-                await queue.put(exc)
+                queue.put_nowait(exc)
             finally:
-                await queue.put(None)
+                queue.put_nowait(None)
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
         remaining = len(tasks)
         try:
             while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if item.output.new_token_ids:
-                    self.timing.mark()
-                yield item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                events: list[ChoiceEvent] = []
+                for item in items:
+                    if item is None:
+                        remaining -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        events.extend(item)
+                if events:
+                    yield events
         finally:
             for task in tasks:
                 task.cancel()
-            await self.abort()
 
     async def collect(self, http_request: Request | None) -> list[ChoiceResult]:
         """Run to completion; a client that disconnects meanwhile aborts every choice."""
         results = [ChoiceResult(i) for i in range(len(self.streams))]
 
         async def consume() -> None:
-            async for event in self.events():
-                results[event.choice].update(event.output)
+            async for events in self.events():
+                for event in events:
+                    results[event.choice].update(event.output)
 
         await watch_disconnect(consume, http_request, self.abort)
         return results

@@ -59,12 +59,19 @@ class InferenceService:
         """The model as this tenant sees it (its own, or a shared base); NotFoundError otherwise."""
         return self.zoo.resolve(tenant, name)
 
-    def load(self, ref: ModelRef) -> LoadedModel:
+    def loaded(self, ref: ModelRef) -> LoadedModel | None:
+        """The model if its chain is loaded and current (no catalog or disk access), else None."""
         with self._lock:
             loaded = self._models.get(ref.id)
             if loaded is not None and loaded.ref.chain_digest == ref.chain_digest:
                 self._models.move_to_end(ref.id)
                 return loaded
+        return None
+
+    def load(self, ref: ModelRef) -> LoadedModel:
+        loaded = self.loaded(ref)
+        if loaded is not None:
+            return loaded
         chain = self.zoo.load_chain(ref, DTYPES[self.settings.dtype], residency=self.residency)
         tokenizer = load_tokenizer(self.zoo.tokenizer_path(ref))
         loaded = LoadedModel(ref, chain, tokenizer)

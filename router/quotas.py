@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from fastapi import Request
 
-from router.auth import Principal
 from router.errors import APIError
+from router.principal import Principal
 
 if TYPE_CHECKING:
     from blockzoo.settings import Settings

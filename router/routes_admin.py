@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -245,11 +245,16 @@ def admin_router(allowed_paths: Sequence[Path]) -> APIRouter:
     @router.get("/usage", response_model=ListOf[UsageOut])
     def usage(
         _: AdminDep,
+        request: Request,
         services: ServicesDep,
         tenant: str | None = None,
         since: datetime | None = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> ListOf[UsageOut]:
+        pending = getattr(request.app.state, "usage", None)
+        if pending is not None:
+            # Requests that finished since the last periodic write belong in the answer.
+            pending.flush()
         query = (
             select(Usage, Tenant.name, Model.name)
             .join(Tenant, Usage.tenant_id == Tenant.id)

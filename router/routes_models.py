@@ -16,9 +16,10 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from router.auth import Principal, ServicesDep, TenantDep
+from router.auth import ServicesDep, TenantDep
 from router.errors import APIError, from_domain
 from router.jobs import ACTIVE, JobOwner, JobRunner, JobsDep, Task, write_audit
+from router.principal import Principal
 from router.schemas import (
     ChainEntryOut,
     Dedup,

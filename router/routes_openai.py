@@ -22,11 +22,11 @@ from router.openai_format import (
     chat_prompt,
     completion_logprobs,
     sampling_params,
-    sse,
     usage,
 )
 from router.openai_schemas import ChatCompletionRequest, CompletionRequest
 from router.services import Services
+from router.sse_chunks import ChunkFramer
 from zoo.catalog.models import BaseModel, Model
 from zoo.catalog.types import ModelStatus
 from zoo.errors import NotFoundError
@@ -77,14 +77,27 @@ async def get_model(model_name: str, principal: TenantDep, services: ServicesDep
     raise APIError(404, f"The model '{model_name}' does not exist", param="model", code="model_not_found")
 
 
-async def _load(inference: InferenceService, tenant: str, name: str) -> LoadedModel:
+async def _load(services: Services, inference: InferenceService, tenant: str, name: str) -> LoadedModel:
+    # The common case (model looked up recently, chain loaded) touches neither the catalog nor a thread.
+    cache = services.catalog_cache
+    ref = cache.model(tenant, name)
+    if ref is not None:
+        loaded = inference.loaded(ref)
+        if loaded is not None:
+            return loaded
+    generation = cache.generation
+
+    def resolve_and_load() -> LoadedModel:
+        return inference.load(ref if ref is not None else inference.resolve(tenant, name))
+
     try:
-        ref = await run_in_threadpool(inference.resolve, tenant, name)
+        loaded = await run_in_threadpool(resolve_and_load)
     except NotFoundError:
         raise APIError(
             404, f"The model '{name}' does not exist", param="model", code="model_not_found"
         ) from None
-    return await inference.load_async(ref)
+    cache.put_model(tenant, name, loaded.ref, generation)
+    return loaded
 
 
 def _completion_prompts(loaded: LoadedModel, req: CompletionRequest) -> list[list[int]]:
@@ -122,11 +135,15 @@ def _new_id(prefix: str) -> str:
 
 @router.post("/v1/completions")
 async def completions(
-    body: CompletionRequest, request: Request, principal: TenantDep, inference: InferenceDep
+    body: CompletionRequest,
+    request: Request,
+    principal: TenantDep,
+    services: ServicesDep,
+    inference: InferenceDep,
 ) -> Any:
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
-    loaded = await _load(inference, principal.tenant, body.model)
+    loaded = await _load(services, inference, principal.tenant, body.model)
     prompts = _completion_prompts(loaded, body)
     vocab = loaded.chain.config.vocab_size
     if any(t >= vocab for p in prompts for t in p):
@@ -179,46 +196,39 @@ async def completions(
     async def stream() -> AsyncIterator[bytes]:
         results = [ChoiceResult(i) for i in range(len(engine_prompts))]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        framer = ChunkFramer(rid, created, body.model, "text_completion", include_usage)
         try:
-            for i, text in enumerate(echo):
-                if text:
-                    yield sse(
-                        _chunk(
-                            rid,
-                            created,
-                            body.model,
-                            "text_completion",
-                            {"index": i, "text": text, "logprobs": None, "finish_reason": None},
-                            include_usage,
+            echoed = [
+                framer.chunk({"index": i, "text": text, "logprobs": None, "finish_reason": None})
+                for i, text in enumerate(echo)
+                if text
+            ]
+            if echoed:
+                yield "".join(echoed).encode()
+            async for events in gen.events():
+                parts = []
+                for event in events:
+                    out, r = event.output, results[event.choice]
+                    offset = len(echo[r.index]) + len(r.text)
+                    r.update(out)
+                    lp = (
+                        completion_logprobs(loaded.tokenizer, out.new_logprobs, offset)
+                        if body.logprobs is not None
+                        else None
+                    )
+                    parts.append(
+                        framer.chunk(
+                            {
+                                "index": event.choice,
+                                "text": out.new_text,
+                                "logprobs": lp,
+                                "finish_reason": out.finish_reason,
+                            }
                         )
                     )
-            async for event in gen.events():
-                out, r = event.output, results[event.choice]
-                r.update(out)
-                lp = (
-                    completion_logprobs(loaded.tokenizer, out.new_logprobs, len(echo[r.index]) + len(r.text))
-                    if body.logprobs is not None
-                    else None
-                )
-                choice = {
-                    "index": event.choice,
-                    "text": out.new_text,
-                    "logprobs": lp,
-                    "finish_reason": out.finish_reason,
-                }
-                yield sse(_chunk(rid, created, body.model, "text_completion", choice, include_usage))
-            if include_usage:
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": body.model,
-                        "choices": [],
-                        "usage": _usage(results, body.n),
-                    }
-                )
-            yield sse("[DONE]")
+                yield "".join(parts).encode()
+            tail = framer.usage(_usage(results, body.n)) if include_usage else ""
+            yield (tail + framer.done()).encode()
         finally:
             await admission.finish(gen, results)
 
@@ -227,9 +237,13 @@ async def completions(
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, principal: TenantDep, inference: InferenceDep
+    body: ChatCompletionRequest,
+    request: Request,
+    principal: TenantDep,
+    services: ServicesDep,
+    inference: InferenceDep,
 ) -> Any:
-    loaded = await _load(inference, principal.tenant, body.model)
+    loaded = await _load(services, inference, principal.tenant, body.model)
     prompt = list(loaded.tokenizer.encode(chat_prompt(loaded.tokenizer, body), add_special_tokens=False))
     max_tokens = _max_tokens(inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt))
     top = body.top_logprobs or 0 if body.logprobs else None
@@ -272,40 +286,32 @@ async def chat_completions(
     async def stream() -> AsyncIterator[bytes]:
         results = [ChoiceResult(i) for i in range(body.n)]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        obj = "chat.completion.chunk"
+        framer = ChunkFramer(rid, created, body.model, "chat.completion.chunk", include_usage)
         try:
-            for i in range(body.n):
-                first = {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                yield sse(_chunk(rid, created, body.model, obj, first, include_usage))
-            async for event in gen.events():
-                out, r = event.output, results[event.choice]
-                r.update(out)
-                delta = {"content": out.new_text} if out.new_text else {}
-                lp = chat_logprobs(loaded.tokenizer, out.new_logprobs) if body.logprobs else None
-                choice = {
-                    "index": event.choice,
-                    "delta": delta,
-                    "logprobs": lp,
-                    "finish_reason": out.finish_reason,
-                }
-                yield sse(_chunk(rid, created, body.model, obj, choice, include_usage))
-            if include_usage:
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": obj,
-                        "created": created,
-                        "model": body.model,
-                        "choices": [],
-                        "usage": _usage(results, 1),
-                    }
-                )
-            yield sse("[DONE]")
+            first = {"role": "assistant", "content": ""}
+            yield "".join(
+                framer.chunk({"index": i, "delta": first, "logprobs": None, "finish_reason": None})
+                for i in range(body.n)
+            ).encode()
+            async for events in gen.events():
+                parts = []
+                for event in events:
+                    out = event.output
+                    results[event.choice].update(out)
+                    lp = chat_logprobs(loaded.tokenizer, out.new_logprobs) if body.logprobs else None
+                    parts.append(
+                        framer.chunk(
+                            {
+                                "index": event.choice,
+                                "delta": {"content": out.new_text} if out.new_text else {},
+                                "logprobs": lp,
+                                "finish_reason": out.finish_reason,
+                            }
+                        )
+                    )
+                yield "".join(parts).encode()
+            tail = framer.usage(_usage(results, 1)) if include_usage else ""
+            yield (tail + framer.done()).encode()
         finally:
             await admission.finish(gen, results)
 
@@ -326,18 +332,3 @@ def _usage(results: list[ChoiceResult], n: int) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for r in results[::n])
     cached = sum(r.cached_tokens for r in results[::n])
     return usage(prompt, sum(len(r.token_ids) for r in results), cached)
-
-
-def _chunk(
-    rid: str, created: int, model: str, obj: str, choice: dict[str, Any], include_usage: bool
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk

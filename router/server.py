@@ -20,6 +20,7 @@ from router.routes_models import models_router
 from router.services import Services
 from router.uploads import UploadLimits
 from router.usage import UsageRecorder
+from router.usage_buffer import UsageBuffer
 
 
 class BuiltServer(NamedTuple):
@@ -52,6 +53,8 @@ def build_server(settings: Settings) -> BuiltServer:
         residency = inference.residency.stats
         metrics.set_residency_stats(residency.hits, residency.misses, residency.load_seconds)
 
+    usage = UsageBuffer(UsageRecorder(zoo), settings.usage_flush_interval_s)
+    usage.start()
     limits = UploadLimits(
         max_file_bytes=settings.max_upload_file_bytes, max_upload_bytes=settings.max_upload_bytes
     )
@@ -66,11 +69,11 @@ def build_server(settings: Settings) -> BuiltServer:
         state={
             "quotas": quotas,
             "metrics": metrics,
-            "usage": UsageRecorder(zoo),
+            "usage": usage,
             "jobs": jobs,
             "refresh_metrics": refresh_metrics,
         },
-        on_shutdown=[jobs.shutdown],
+        on_shutdown=[jobs.shutdown, usage.close],
         async_on_shutdown=[quotas.close],
     )
     return BuiltServer(app, new_key, inference)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from blockzoo.settings import Settings
-from zoo.registry import Zoo
+from router.catalog_cache import CatalogCache
+from router.principal import Principal
+from zoo.catalog.change_events import on_catalog_change
+from zoo.registry import ModelRef, Zoo
 
 
 @dataclass
@@ -18,6 +21,12 @@ class Services:
     settings: Settings
     zoo: Zoo
     admin_key_sha256: bytes
+    # Built from the settings, and emptied by every catalog change this process commits.
+    catalog_cache: CatalogCache[Principal, ModelRef] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.catalog_cache = CatalogCache(self.settings.catalog_cache_ttl_s)
+        on_catalog_change(self.zoo.sessions, self.catalog_cache.invalidate)
 
 
 def get_services(request: Request) -> Services:

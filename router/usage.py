@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from fastapi import Request
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -31,6 +30,17 @@ def hour_of(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
+class UsageRow(NamedTuple):
+    """Tokens and requests of one tenant on one model in one UTC hour."""
+
+    tenant_id: int
+    model_id: int
+    hour: datetime
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+
 class UsageRecorder:
     """Adds finished requests to the zoo catalog's `usage` table."""
 
@@ -43,25 +53,62 @@ class UsageRecorder:
         self._insert = insert
 
     def record(
-        self, tenant_id: int, model_id: int, prompt_tokens: int, completion_tokens: int, at: datetime
+        self,
+        tenant_id: int,
+        model_id: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        at: datetime,
+        requests: int = 1,
     ) -> bool:
-        """Add one request of `prompt_tokens` + `completion_tokens` to its hour's row.
+        """Add `requests` requests of `prompt_tokens` + `completion_tokens` in all to `at`'s hour row.
 
         Returns False, with a warning logged, when the tenant or model no longer exists (deleted
         while the request ran): there is nothing left to bill it to.
         """
-        if prompt_tokens < 0 or completion_tokens < 0:
-            raise ValueError(f"token counts must be >= 0, got {prompt_tokens} and {completion_tokens}")
+        return (
+            self.record_many(
+                [UsageRow(tenant_id, model_id, hour_of(at), prompt_tokens, completion_tokens, requests)]
+            )
+            == 1
+        )
+
+    def record_many(self, rows: list[UsageRow]) -> int:
+        """Add every row in one transaction; returns how many were recorded.
+
+        If one of them names a tenant or model deleted meanwhile, the rows are retried one by one so
+        that only the orphans are dropped (with a warning).
+        """
+        for row in rows:
+            if row.prompt_tokens < 0 or row.completion_tokens < 0 or row.requests < 0:
+                raise ValueError(f"usage counts must be >= 0, got {row}")
+        try:
+            with self._zoo.sessions() as session, session.begin():
+                for row in rows:
+                    session.execute(self._upsert(row))
+            return len(rows)
+        except IntegrityError as exc:
+            if len(rows) > 1:
+                return sum(self.record_many([row]) for row in rows)
+            log.warning(
+                "usage of tenant %d on model %d not recorded: %s",
+                rows[0].tenant_id,
+                rows[0].model_id,
+                exc.orig or exc,
+            )
+            return 0
+
+    def _upsert(self, row: UsageRow) -> Any:
         table = Usage.__table__
         stmt = self._insert(table).values(
-            tenant_id=tenant_id,
-            model_id=model_id,
-            hour=hour_of(at),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            requests=1,
+            tenant_id=row.tenant_id,
+            model_id=row.model_id,
+            hour=hour_of(row.hour),
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            requests=row.requests,
         )
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=[table.c.tenant_id, table.c.model_id, table.c.hour],
             set_={
                 "prompt_tokens": table.c.prompt_tokens + stmt.excluded.prompt_tokens,
@@ -69,17 +116,3 @@ class UsageRecorder:
                 "requests": table.c.requests + stmt.excluded.requests,
             },
         )
-        try:
-            with self._zoo.sessions() as session, session.begin():
-                session.execute(stmt)
-        except IntegrityError as exc:
-            log.warning(
-                "usage of tenant %d on model %d not recorded: %s", tenant_id, model_id, exc.orig or exc
-            )
-            return False
-        return True
-
-
-def get_usage(request: Request) -> UsageRecorder:
-    usage: UsageRecorder = request.app.state.usage
-    return usage

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
+from contextlib import aclosing
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -38,6 +39,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items: list[tuple[_Stream, _Item]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
 class RequestStream:
     """One request's outputs as an async iterator; leaving it early (or closing it) aborts the request."""
 
@@ -48,13 +54,32 @@ class RequestStream:
         self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        async with aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for item in batch:
+                    yield item
+
+    async def batches(self) -> AsyncGenerator[list[RequestOutput], None]:
+        """The outputs in batches: everything queued by the time the consumer gets to run.
+
+        A consumer that falls behind the engine then handles several steps' outputs at once (one
+        socket write instead of several) rather than falling further behind.
+        """
+        queue = self._stream.queue
         try:
             while True:
-                item = await self._stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                self.finished = item.finished
-                yield item
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                outputs: list[RequestOutput] = []
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                    outputs.append(item)
+                    if item.finished:
+                        self.finished = True
+                        break
+                yield outputs
                 if self.finished:
                     return
         finally:
@@ -187,14 +212,25 @@ class AsyncLLMEngine:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue
-                stream.put(out)
-                if out.finished:
-                    del self._streams[out.request_id]
+            self._publish(outputs)
         self._fail_all(RuntimeError("engine shut down"))
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up of each event loop per step, not one per request: every
+        # call_soon_threadsafe writes to the loop's self-pipe and takes the GIL on the other side.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its clients are gone
+                log.warning("dropping outputs for a closed event loop")
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid, stream in list(self._streams.items()):

@@ -17,8 +17,8 @@ import redis
 from fastapi import Depends, FastAPI
 
 from blockzoo.settings import Settings
-from router.auth import Principal
 from router.errors import APIError, install_error_handlers
+from router.principal import Principal
 from router.quota_redis import RedisQuotas
 from router.quotas import (
     BucketQuotas,

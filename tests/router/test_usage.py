@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from router.usage import UsageRecorder, hour_of
+from router.usage_buffer import UsageBuffer
 from zoo.block_store import BlockStore
 from zoo.catalog.database import factory_engine, open_catalog
 from zoo.catalog.models import Model, Usage
@@ -97,3 +100,64 @@ def test_bad_input_is_refused(zoo: Zoo) -> None:
     with pytest.raises(ValueError, match=">= 0"):
         usage.record(tenant, model, -1, 1, T0)
     assert rows(zoo) == []
+
+
+def test_buffer_sums_requests_and_writes_one_row_each(zoo: Zoo) -> None:
+    tenant, model, other = seed(zoo)
+    buffer = UsageBuffer(UsageRecorder(zoo), interval_s=3600)
+    for i in range(10):
+        buffer.add(tenant, model, i, 1, T0 + timedelta(seconds=i))
+    buffer.add(tenant, other, 5, 5, T0)
+    buffer.add(tenant, model, 2, 2, T0 + timedelta(hours=1))
+    assert rows(zoo) == [] and buffer.pending_requests() == 12
+    assert buffer.flush() == 3
+    hour = hour_of(T0)
+    assert rows(zoo) == [
+        (model, hour, 45, 10, 10),
+        (model, hour + timedelta(hours=1), 2, 2, 1),
+        (other, hour, 5, 5, 1),
+    ]
+    buffer.add(tenant, model, 1, 1, T0)
+    buffer.close()  # writes what is left
+    assert rows(zoo)[0] == (model, hour, 46, 11, 11)
+
+
+def test_buffer_keeps_the_sums_when_the_catalog_is_unreachable(zoo: Zoo) -> None:
+    tenant, model, _ = seed(zoo)
+    buffer = UsageBuffer(UsageRecorder(zoo), interval_s=3600)
+    buffer.add(tenant, model, 3, 4, T0)
+    engine = factory_engine(zoo.sessions)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE usage RENAME TO usage_away")
+    try:
+        with pytest.raises(DBAPIError):
+            buffer.flush()
+        buffer.add(tenant, model, 1, 1, T0)
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE usage_away RENAME TO usage")
+    assert buffer.flush() == 1
+    assert rows(zoo) == [(model, hour_of(T0), 4, 5, 2)]
+
+
+def test_buffer_drops_only_the_rows_of_a_vanished_model(zoo: Zoo) -> None:
+    tenant, model, _ = seed(zoo)
+    buffer = UsageBuffer(UsageRecorder(zoo), interval_s=3600)
+    buffer.add(tenant, 10_000, 1, 1, T0)
+    buffer.add(tenant, model, 2, 3, T0)
+    assert buffer.flush() == 1
+    assert rows(zoo) == [(model, hour_of(T0), 2, 3, 1)]
+
+
+def test_buffer_writes_in_the_background(zoo: Zoo) -> None:
+    tenant, model, _ = seed(zoo)
+    buffer = UsageBuffer(UsageRecorder(zoo), interval_s=0.05)
+    buffer.start()
+    try:
+        buffer.add(tenant, model, 2, 3, T0)
+        deadline = time.monotonic() + 30
+        while not rows(zoo) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert rows(zoo) == [(model, hour_of(T0), 2, 3, 1)]
+    finally:
+        buffer.close()

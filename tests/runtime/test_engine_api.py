@@ -139,6 +139,28 @@ def test_async_stream_closed_early_aborts_request(model_dir: Path) -> None:
     assert_no_leaks(llm)
 
 
+def test_a_slow_consumer_gets_queued_outputs_in_one_batch(model_dir: Path) -> None:
+    llm = make_llm(model_dir)
+    engine = AsyncLLMEngine(llm.engine)
+    prompt = random_prompts(1, seed=4)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0].token_ids
+
+    async def main() -> list[list[int]]:
+        try:
+            stream = await engine.add_request(prompt, params, request_id="slow")
+            # Consume nothing until the engine is done: every step's output is queued meanwhile.
+            while not await engine.call(lambda: not llm.engine.has_unfinished_requests()):
+                await asyncio.sleep(0.01)
+            return [[t for out in batch for t in out.new_token_ids] async for batch in stream.batches()]
+        finally:
+            engine.shutdown()
+
+    batches = asyncio.run(main())
+    assert len(batches) == 1 and batches[0] == expected
+    assert_no_leaks(llm)
+
+
 def test_async_bad_request_raises_to_caller(model_dir: Path) -> None:
     llm = make_llm(model_dir, max_model_len=32)
     engine = AsyncLLMEngine(llm.engine)
