@@ -1,8 +1,9 @@
 """Usage accounting: tokens and requests per (tenant, model, UTC hour), one row each.
 
-Each finished request adds to its hour's row with one `INSERT … ON CONFLICT DO UPDATE`, so concurrent
-recorders (threads, or several API processes) never lose an update or create a second row. `record` is
-synchronous database work: call it from a thread (`run_in_threadpool`), not on the event loop.
+Usage is added to its hour's row with `INSERT … ON CONFLICT DO UPDATE`, so concurrent recorders
+(threads, or several API processes) never lose an update or create a second row. The server sums
+requests in memory first (`router.usage_buffer`) and writes the sums here about once a second.
+Recording is synchronous database work: call it from a thread, not on the event loop.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class UsageRecorder:
         insert = _INSERTS.get(dialect)
         if insert is None:
             raise ValueError(f"usage recording supports SQLite and PostgreSQL, not {dialect}")
-        self._zoo = zoo
-        self._insert = insert
+        self._engine = factory_engine(zoo.sessions)
+        self._upsert = self._upsert_statement(insert)
 
     def record(
         self,
@@ -83,9 +84,9 @@ class UsageRecorder:
             if row.prompt_tokens < 0 or row.completion_tokens < 0 or row.requests < 0:
                 raise ValueError(f"usage counts must be >= 0, got {row}")
         try:
-            with self._zoo.sessions() as session, session.begin():
-                for row in rows:
-                    session.execute(self._upsert(row))
+            # One statement, executed for every row (executemany): compiled once, not per row.
+            with self._engine.begin() as conn:
+                conn.execute(self._upsert, [row._asdict() | {"hour": hour_of(row.hour)} for row in rows])
             return len(rows)
         except IntegrityError as exc:
             if len(rows) > 1:
@@ -98,16 +99,10 @@ class UsageRecorder:
             )
             return 0
 
-    def _upsert(self, row: UsageRow) -> Any:
+    @staticmethod
+    def _upsert_statement(insert: Any) -> Any:
         table = Usage.__table__
-        stmt = self._insert(table).values(
-            tenant_id=row.tenant_id,
-            model_id=row.model_id,
-            hour=hour_of(row.hour),
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens,
-            requests=row.requests,
-        )
+        stmt = insert(table)
         return stmt.on_conflict_do_update(
             index_elements=[table.c.tenant_id, table.c.model_id, table.c.hour],
             set_={
