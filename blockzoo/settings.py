@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=16 * GiB, gt=0, description="Largest multipart upload body.")
     max_upload_file_bytes: int = Field(default=16 * GiB, gt=0, description="Largest single uploaded file.")
     max_loaded_models: int = Field(default=32, gt=0, description="Chains kept loaded for serving (LRU).")
+    max_kv_segments: int = Field(
+        default=4,
+        ge=1,
+        description="KV segments per base: its layers are cut where most of its fine-tunes diverge from it,"
+        " so a base and a partial fine-tune share the lower layers' KV pages. 1 turns this off.",
+    )
     catalog_cache_ttl_s: float = Field(
         default=2.0,
         ge=0.0,

@@ -22,9 +22,11 @@ from runtime.async_engine import AsyncLLMEngine
 from runtime.chain import Chain
 from runtime.checkpoint_loader import load_tokenizer
 from runtime.engine import DTYPES, EngineStats, LLMEngine
+from runtime.kv_segments import KVSegments
 from runtime.outputs import RequestOutput
 from runtime.residency import BlockResidency
 from runtime.sampling_params import SamplingParams
+from zoo.kv_layout import kv_cuts
 from zoo.registry import ModelRef, Zoo
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,13 @@ class InferenceService:
         with self._lock:
             engine = self._engines.get(loaded.engine_key)
             if engine is None:
-                log.info("starting engine", extra={"base": loaded.engine_key})
-                engine = AsyncLLMEngine(LLMEngine(loaded.chain, loaded.tokenizer, self.settings))
+                config = loaded.chain.config
+                cuts = kv_cuts(self.zoo, loaded.engine_key, self.settings.max_kv_segments)
+                segments = KVSegments.cut_at(config.num_layers, cuts)
+                log.info("starting engine", extra={"base": loaded.engine_key, "kv_segments": segments.bounds})
+                engine = AsyncLLMEngine(
+                    LLMEngine(loaded.chain, loaded.tokenizer, self.settings, kv_segments=segments)
+                )
                 engine.start()
                 self._engines[loaded.engine_key] = engine
             return engine

@@ -136,6 +136,9 @@ class AttentionMetadata:
     decode_positions: torch.Tensor
     decode_lengths: torch.Tensor
     prefills: list[PrefillSpan]
+    # Rows whose keys and values are written (to `slot_mapping`, in order); None means every row.
+    # Rows left out hold positions this layer's pages already have, shared with other requests.
+    write_rows: torch.Tensor | None = None
     _decode_groups: list[DecodeGroup] | None = None
     _decode_masks: dict[tuple[int, int | None], torch.Tensor] = field(default_factory=dict)
 
@@ -167,8 +170,12 @@ def paged_attention(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """Write this step's k/v into the pages, then attend. q: [T, H, D]; k, v: [T, KVH, D]."""
-    kv.key.index_copy_(0, meta.slot_mapping, k)
-    kv.value.index_copy_(0, meta.slot_mapping, v)
+    if meta.write_rows is None:
+        kv.key.index_copy_(0, meta.slot_mapping, k)
+        kv.value.index_copy_(0, meta.slot_mapping, v)
+    else:
+        kv.key.index_copy_(0, meta.slot_mapping, k.index_select(0, meta.write_rows))
+        kv.value.index_copy_(0, meta.slot_mapping, v.index_select(0, meta.write_rows))
     out = torch.empty_like(q)
     nd = meta.num_decode_rows
     if nd:

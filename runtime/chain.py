@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
@@ -41,6 +42,8 @@ class Chain:
         self.dtype = dtype
         self.digest = digest
         self.layer_deltas: list[LayerLora | None] = list(layer_deltas or [])
+        # Chain digests h_0 … h_{L+1}, one per position, when the chain came from the zoo.
+        self.prefix_digests: list[bytes] = []
 
     @property
     def embed(self) -> EmbedBlock:
@@ -56,6 +59,17 @@ class Chain:
 
     def delta_for(self, index: int) -> LayerLora | None:
         return self.layer_deltas[index] if index < len(self.layer_deltas) else None
+
+    def layer_prefix_digest(self, index: int) -> bytes:
+        """What the KV of layer `index` depends on: the blocks embed, layer 0 … layer `index`.
+
+        Zoo chains carry their chain digests `h_i` (`prefix_digests`, one per chain position), so
+        two models whose chains agree up to layer i get the same digest and can share that layer's
+        KV pages. Other chains only know their whole digest, so their layers never match another's.
+        """
+        if self.prefix_digests:
+            return self.prefix_digests[index + 1]
+        return hashlib.blake2b(self.digest + index.to_bytes(4, "little"), digest_size=32).digest()
 
     @property
     def num_layers(self) -> int:
@@ -147,6 +161,7 @@ class ResidentChain(Chain):
         self.dtype = dtype
         self.digest = digest
         self.layer_deltas = list(layer_deltas or [])
+        self.prefix_digests = []
         self._layer_view = _ResidentLayers(self)
 
     def fetch(self, position: int) -> Any:

@@ -16,7 +16,7 @@ from runtime.chain import Chain
 from runtime.checkpoint_loader import load_checkpoint, load_tokenizer
 from runtime.errors import PromptTooLongError
 from runtime.executor import ModelExecutor
-from runtime.kv_cache_manager import KVCacheManager
+from runtime.kv_segments import KVSegments, SegmentedKVCacheManager
 from runtime.kv_tensors import KVTensors, bytes_per_page
 from runtime.output_processor import OutputProcessor
 from runtime.outputs import RequestOutput
@@ -45,7 +45,15 @@ class EngineStats(NamedTuple):
 class LLMEngine:
     """Serves one chain: continuous batching over paged KV with a fixed per-step token budget."""
 
-    def __init__(self, chain: Chain, tokenizer: PreTrainedTokenizerBase, settings: Settings) -> None:
+    def __init__(
+        self,
+        chain: Chain,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: Settings,
+        kv_segments: KVSegments | None = None,
+    ) -> None:
+        """`kv_segments` cuts the layers where the models this engine serves diverge, so that their
+        requests share the KV pages of the layers they agree on (see runtime.kv_segments)."""
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         self.chain = chain
@@ -54,7 +62,12 @@ class LLMEngine:
         config = chain.config
         self.max_model_len = settings.max_model_len or config.max_position_embeddings
         num_pages = settings.resolved_num_kv_pages(bytes_per_page(config, settings.page_size, chain.dtype))
-        self.kv_manager = KVCacheManager(num_pages, settings.page_size, settings.enable_prefix_caching)
+        self.kv_segments = kv_segments or KVSegments.whole(config.num_layers)
+        if self.kv_segments.bounds[-1] != config.num_layers:
+            raise ValueError(f"KV segments {self.kv_segments.bounds} do not cover {config.num_layers} layers")
+        self.kv_manager = SegmentedKVCacheManager(
+            self.kv_segments, num_pages, settings.page_size, settings.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=settings.max_num_seqs,
@@ -72,6 +85,7 @@ class LLMEngine:
             KVTensors(config, num_pages, settings.page_size, chain.dtype),
             per_block_batching=settings.per_block_batching,
             max_block_rows=settings.max_block_rows,
+            segments=self.kv_segments,
         )
         self.sampler = Sampler()
         self.outputs = OutputProcessor(tokenizer)
@@ -136,6 +150,8 @@ class LLMEngine:
             model=model,
             chain=chain,
         )
+        if self.kv_segments.num_segments > 1:
+            request.segment_salts = self.kv_segments.salts(run_chain)
         self.scheduler.add_request(request)
         self.outputs.add(request, tokenizer)
         return rid

@@ -9,6 +9,7 @@ import torch
 from runtime.attention import AttentionMetadata, PrefillSpan, paged_attention
 from runtime.block_batching import BatchPlan, LayerGroup
 from runtime.chain import Chain
+from runtime.kv_segments import KVSegments
 from runtime.kv_tensors import KVTensors
 from runtime.request import Request
 from runtime.rope import apply_rotary
@@ -16,30 +17,64 @@ from runtime.scheduler_output import ExecutorOutput, ScheduledChunk, SchedulerOu
 
 
 class BatchInputs(NamedTuple):
-    """Flattened inputs of one step: one row per scheduled token."""
+    """Flattened inputs of one step: one row per scheduled token.
+
+    `metas` holds the attention metadata of each KV segment (their page tables differ) and
+    `layer_metas` the one each layer uses.
+    """
 
     token_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    metas: list[AttentionMetadata]
+    layer_metas: list[AttentionMetadata]
     sample_rows: torch.Tensor
     sample_requests: list[Request]
     segments: list[tuple[Chain, int, int]]
+
+    @property
+    def meta(self) -> AttentionMetadata:
+        return self.metas[0]
+
+
+class _SegmentRows:
+    """Where one KV segment writes this step's keys and values: slots, and rows if not all."""
+
+    def __init__(self) -> None:
+        self.slots: list[int] = []
+        self.rows: list[int] = []
+        self.skipped = False
+        self.spans: list[PrefillSpan] = []
 
 
 class ModelExecutor:
     """Executes what the scheduler decided; it never decides anything itself."""
 
     def __init__(
-        self, chain: Chain, kv: KVTensors, per_block_batching: bool = True, max_block_rows: int | None = None
+        self,
+        chain: Chain,
+        kv: KVTensors,
+        per_block_batching: bool = True,
+        max_block_rows: int | None = None,
+        segments: KVSegments | None = None,
     ) -> None:
         self.chain = chain
         self.kv = kv
         self.page_size = kv.page_size
         self.per_block_batching = per_block_batching
         self.max_block_rows = max_block_rows
+        self.segments = segments or KVSegments.whole(chain.config.num_layers)
+        self.layer_segments = self.segments.layer_segments()
 
-    def _slot(self, request: Request, position: int) -> int:
-        return request.page_table[position // self.page_size] * self.page_size + position % self.page_size
+    def _add_slots(self, seg: _SegmentRows, g: int, request: Request, start: int, end: int, row: int) -> None:
+        """Slots of positions [start, end) in segment g's pages, except those already written there."""
+        ps = self.page_size
+        table = request.page_tables[g]
+        floor = request.kv_write_floors[g] if request.kv_write_floors else 0
+        if floor > start:
+            seg.skipped = True
+        for offset, p in enumerate(range(max(start, floor), end), start=max(start, floor) - start):
+            seg.slots.append(table[p // ps] * ps + p % ps)
+            seg.rows.append(row + offset)
 
     def _context_slots(self, page_tables: list[list[int]], length: int) -> torch.Tensor:
         """Slots of positions [0, length) for each page table, padded with slot 0: [B, length]."""
@@ -56,60 +91,60 @@ class ModelExecutor:
         # Decode-shaped chunks (one token) go first so they can share one padded attention call.
         decodes = [c for c in output.chunks if c.num_tokens == 1]
         prefills = [c for c in output.chunks if c.num_tokens != 1]
+        num_segments = self.segments.num_segments
         token_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        per_segment = [_SegmentRows() for _ in range(num_segments)]
         last_row: dict[int, int] = {}
         segments: list[tuple[Chain, int, int]] = []
         for chunk in decodes:
             req = chunk.request
             pos = req.num_computed_tokens
-            last_row[id(chunk)] = len(token_ids)
-            _extend_segments(segments, req.chain or self.chain, len(token_ids), 1)
+            row = len(token_ids)
+            last_row[id(chunk)] = row
+            _extend_segments(segments, req.chain or self.chain, row, 1)
             token_ids.append(req.token_at(pos))
             positions.append(pos)
-            slots.append(self._slot(req, pos))
+            for g, seg in enumerate(per_segment):
+                self._add_slots(seg, g, req, pos, pos + 1, row)
         decode_lengths = torch.tensor([p + 1 for p in positions], dtype=torch.int64)
-        if decodes:
-            max_len = int(decode_lengths.max())
-            decode_slots = self._context_slots([c.request.page_table for c in decodes], max_len)
-        else:
-            decode_slots = torch.zeros(0, 0, dtype=torch.int64)
-        spans: list[PrefillSpan] = []
+        max_len = int(decode_lengths.max()) if decodes else 0
         for chunk in prefills:
-            _extend_segments(segments, chunk.request.chain or self.chain, len(token_ids), chunk.num_tokens)
-            spans.append(self._add_prefill(chunk, token_ids, positions, slots))
+            req = chunk.request
+            start, row = req.num_computed_tokens, len(token_ids)
+            end = start + chunk.num_tokens
+            _extend_segments(segments, req.chain or self.chain, row, chunk.num_tokens)
+            token_ids.extend(req.tokens_slice(start, end))
+            positions.extend(range(start, end))
+            for g, seg in enumerate(per_segment):
+                self._add_slots(seg, g, req, start, end, row)
+                context = None if start == 0 else self._context_slots([req.page_tables[g]], end)[0]
+                seg.spans.append(PrefillSpan(row, chunk.num_tokens, start, context))
             last_row[id(chunk)] = len(token_ids) - 1
+        metas = [
+            AttentionMetadata(
+                slot_mapping=torch.tensor(seg.slots, dtype=torch.int64),
+                num_decode_rows=len(decodes),
+                decode_slots=self._context_slots([c.request.page_tables[g] for c in decodes], max_len)
+                if decodes
+                else torch.zeros(0, 0, dtype=torch.int64),
+                decode_positions=decode_lengths - 1,
+                decode_lengths=decode_lengths,
+                prefills=seg.spans,
+                write_rows=torch.tensor(seg.rows, dtype=torch.int64) if seg.skipped else None,
+            )
+            for g, seg in enumerate(per_segment)
+        ]
         sampled = [c for c in output.chunks if c.sample]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            num_decode_rows=len(decodes),
-            decode_slots=decode_slots,
-            decode_positions=decode_lengths - 1,
-            decode_lengths=decode_lengths,
-            prefills=spans,
-        )
         return BatchInputs(
             token_ids=torch.tensor(token_ids, dtype=torch.int64),
             positions=torch.tensor(positions, dtype=torch.int64),
-            meta=meta,
+            metas=metas,
+            layer_metas=[metas[g] for g in self.layer_segments],
             sample_rows=torch.tensor([last_row[id(c)] for c in sampled], dtype=torch.int64),
             sample_requests=[c.request for c in sampled],
             segments=segments,
         )
-
-    def _add_prefill(
-        self, chunk: ScheduledChunk, token_ids: list[int], positions: list[int], slots: list[int]
-    ) -> PrefillSpan:
-        req = chunk.request
-        start = req.num_computed_tokens
-        end = start + chunk.num_tokens
-        row_start = len(token_ids)
-        token_ids.extend(req.tokens_slice(start, end))
-        positions.extend(range(start, end))
-        slots.extend(self._slot(req, p) for p in range(start, end))
-        context = None if start == 0 else self._context_slots([req.page_table], end)[0]
-        return PrefillSpan(row_start, chunk.num_tokens, start, context)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ExecutorOutput:
@@ -159,7 +194,7 @@ class ModelExecutor:
         windows = chain.config.sliding_windows
         for i, layer in enumerate(chain.layers):
             hidden = layer.forward(
-                hidden, cos, sin, batch.meta, self.kv.layers[i], windows[i], chain.delta_for(i)
+                hidden, cos, sin, batch.layer_metas[i], self.kv.layers[i], windows[i], chain.delta_for(i)
             )
         logits = chain.head.forward(hidden[batch.sample_rows])
         return ExecutorOutput(logits=logits, requests=batch.sample_requests)
@@ -226,7 +261,7 @@ def _layer_step(
             q[g.rows], k[g.rows], v[g.rows] = qg, kg, vg
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
-    attn = paged_attention(q, k, v, batch.meta, kv.layers[index], window)
+    attn = paged_attention(q, k, v, batch.layer_metas[index], kv.layers[index], window)
     out = torch.empty_like(x)
     for g in groups:
         if g.rows is None:

@@ -132,7 +132,8 @@ class KVCacheManager:
         have = len(request.page_table) + num_cached_pages
         return max(0, self.num_pages_for(total) - have)
 
-    def allocate(self, request: Request, num_new_tokens: int, cached_pages: Sequence[int] = ()) -> bool:
+    def can_allocate(self, request: Request, num_new_tokens: int, cached_pages: Sequence[int] = ()) -> bool:
+        """Whether `allocate` with these arguments would succeed (it changes nothing)."""
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         admission = not request.page_table and request.num_computed_tokens == 0
@@ -148,8 +149,13 @@ class KVCacheManager:
         num_new_pages = self.num_new_pages_needed(request, num_new_tokens, len(cached_pages))
         # Free cached pages we are about to reference stop being free, so they cannot count twice.
         num_revived = sum(1 for p in cached_pages if self.pool.is_free(p))
-        if num_new_pages > self.pool.num_free_pages - num_revived:
+        return num_new_pages <= self.pool.num_free_pages - num_revived
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_pages: Sequence[int] = ()) -> bool:
+        if not self.can_allocate(request, num_new_tokens, cached_pages):
             return False
+        admission = not request.page_table and request.num_computed_tokens == 0
+        num_new_pages = self.num_new_pages_needed(request, num_new_tokens, len(cached_pages))
         if admission and self.enable_prefix_caching:
             self.prefix_stats.queries += request.num_tokens
             self.prefix_stats.hits += len(cached_pages) * self.page_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from runtime.kv_cache_manager import KVCacheManager
+from runtime.page_allocator import PageAllocator
 from runtime.request import Request, RequestStatus
 
 
@@ -23,7 +23,7 @@ class PreemptionStrategy(Protocol):
 class RecomputePreemption:
     """Frees the pages and forgets the computed KV; generated tokens are kept and recomputed."""
 
-    def __init__(self, kv: KVCacheManager) -> None:
+    def __init__(self, kv: PageAllocator) -> None:
         self.kv = kv
 
     def preempt(self, request: Request) -> None:

@@ -70,11 +70,26 @@ class Request:
         # Prompt tokens served from the prefix cache at the last admission (OpenAI cached_tokens).
         self.num_cached_tokens = 0
         self.num_preemptions = 0
-        self.page_table: list[int] = []
+        # One page table per KV segment (layers that share pages across models; see kv_segments);
+        # with one segment, `page_table` is the only one.
+        self.page_tables: list[list[int]] = [[]]
+        # The prefix-cache salt of each KV segment (None: `chain_digest` for all of them).
+        self.segment_salts: list[bytes] | None = None
+        # Per KV segment: positions below this are already in that segment's pages (a prefix
+        # shared with another model's request), so the executor must not write them again.
+        self.kv_write_floors: list[int] | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed)
+
+    @property
+    def page_table(self) -> list[int]:
+        return self.page_tables[0]
+
+    @page_table.setter
+    def page_table(self, pages: list[int]) -> None:
+        self.page_tables[0] = pages
 
     @property
     def num_prompt_tokens(self) -> int:

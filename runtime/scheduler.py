@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from runtime.admission_order import ResidencyAwareOrder
 from runtime.errors import PromptTooLongError
-from runtime.kv_cache_manager import KVCacheManager
+from runtime.page_allocator import PageAllocator
 from runtime.preemption import PreemptionStrategy, RecomputePreemption
 from runtime.request import Request, RequestStatus
 from runtime.scheduler_config import SchedulerConfig
@@ -28,7 +28,7 @@ class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
-        kv: KVCacheManager,
+        kv: PageAllocator,
         preemption: PreemptionStrategy | None = None,
         policy: SchedulingPolicy | None = None,
         order: ResidencyAwareOrder | None = None,

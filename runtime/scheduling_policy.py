@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-from runtime.kv_cache_manager import KVCacheExhaustedError, KVCacheManager
+from runtime.kv_cache_manager import KVCacheExhaustedError
+from runtime.page_allocator import PageAllocator
 from runtime.preemption import PreemptionStrategy
 from runtime.request import Request, RequestStatus
 from runtime.scheduler_config import SchedulerConfig, SchedulingPolicyName
@@ -27,7 +28,7 @@ class StepBuilder:
     def __init__(
         self,
         config: SchedulerConfig,
-        kv: KVCacheManager,
+        kv: PageAllocator,
         preemption: PreemptionStrategy,
         waiting: deque[Request],
         running: list[Request],

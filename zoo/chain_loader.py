@@ -113,12 +113,15 @@ def load_chain_entries(
     for position, entry in enumerate(entries):
         if entry.delta_ids and expected_kind(position, config.num_layers) != "layer":
             raise ChainAssemblyError(f"chain position {position}: deltas are only allowed on layer blocks")
-    digest = chain_digests(entries)[-1]
+    prefix_digests = chain_digests(entries)
+    digest = prefix_digests[-1]
     deltas = [
         layer_lora([store.load_delta(d, verify=verify) for d in e.delta_ids], dtype) for e in entries[1:-1]
     ]
     if residency is not None:
-        return resident_chain(store, entries, config, dtype, digest, deltas, residency)
+        resident = resident_chain(store, entries, config, dtype, digest, deltas, residency)
+        resident.prefix_digests = prefix_digests
+        return resident
     chain = build_chain(
         config,
         blocks[0].tensors,
@@ -128,4 +131,5 @@ def load_chain_entries(
         digest,
     )
     chain.layer_deltas = deltas
+    chain.prefix_digests = prefix_digests
     return chain
