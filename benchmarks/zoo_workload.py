@@ -109,8 +109,9 @@ class Workload:
     build_seconds: float
 
 
-def build_workload(root: Path, spec: WorkloadSpec, log: Log) -> Workload:
-    """Write the base, the 16 adapters and the 5 full fine-tunes under `root`."""
+def build_workload(root: Path, spec: WorkloadSpec, log: Log, include_slight: bool = True) -> Workload:
+    """Write the base, the 16 adapters and the 5 full fine-tunes under `root` (4 without
+    `include_slight`: only the top-layer ones)."""
     start = time.perf_counter()
     base = root / BASE_NAME
     log(f"building base: {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}")
@@ -143,9 +144,10 @@ def build_workload(root: Path, spec: WorkloadSpec, log: Log) -> Workload:
         log(f"full fine-tune {k + 1}/{NUM_FULL_TOP}: {name} (layers {top} changed)")
         make_top_layer_fine_tune(base, root / name, top, seed=200 + k, noise=spec.top_noise)
         models.append(WorkloadModel(name, "full-top", TENANTS[(i + k) % len(TENANTS)], root / name))
-    log("full fine-tune 5/5: full-slight (every layer changed slightly)")
-    make_slight_fine_tune(base, root / "full-slight", spec, seed=300)
-    models.append(WorkloadModel("full-slight", "full-slight", TENANTS[0], root / "full-slight"))
+    if include_slight:
+        log("full fine-tune 5/5: full-slight (every layer changed slightly)")
+        make_slight_fine_tune(base, root / "full-slight", spec, seed=300)
+        models.append(WorkloadModel("full-slight", "full-slight", TENANTS[0], root / "full-slight"))
     return Workload(base, models, time.perf_counter() - start)
 
 

@@ -16,6 +16,10 @@ from runtime.lora import DeltaGroups, LayerLora
 from runtime.model_config import ModelConfig
 from runtime.rope import apply_rotary
 
+# Projections that read the same input: their adapters share one shrink matmul.
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order of operations as transformers' LlamaRMSNorm, so fp32 results agree bit for bit
@@ -136,9 +140,7 @@ class LayerBlock:
         k = F.linear(h, self.wk, self.bk)
         v = F.linear(h, self.wv, self.bv)
         if deltas:
-            q = deltas.add("self_attn.q_proj", h, q)
-            k = deltas.add("self_attn.k_proj", h, k)
-            v = deltas.add("self_attn.v_proj", h, v)
+            q, k, v = deltas.add_fused(QKV, h, [q, k, v])
         q = q.view(t, c.num_heads, c.head_dim)
         k = k.view(t, c.num_kv_heads, c.head_dim)
         v = v.view(t, c.num_kv_heads, c.head_dim)
@@ -158,8 +160,7 @@ class LayerBlock:
         gate = F.linear(h, self.w_gate, self.b_gate)
         up = F.linear(h, self.w_up, self.b_up)
         if deltas:
-            gate = deltas.add("mlp.gate_proj", h, gate)
-            up = deltas.add("mlp.up_proj", h, up)
+            gate, up = deltas.add_fused(GATE_UP, h, [gate, up])
         act = F.silu(gate) * up
         down = F.linear(act, self.w_down, self.b_down)
         if deltas:

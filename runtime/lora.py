@@ -35,6 +35,18 @@ class LoraProjection(NamedTuple):
         return int(self.a.shape[0])
 
 
+class FusedLora(NamedTuple):
+    """The adapter of projections that read the same input, ready for one shrink matmul.
+
+    `a_t` is [in, Σr]: the A matrices side by side, so h @ a_t is every projection's h Aᵀ at once.
+    `parts` holds, per projection present, its position among the names asked for, its columns of
+    that product, and Bᵀ with the scaling folded in ([r, out], contiguous).
+    """
+
+    a_t: torch.Tensor
+    parts: list[tuple[int, slice, torch.Tensor]]
+
+
 class LayerLora:
     """The LoRA projections of one layer for one model (any subset of PROJECTIONS)."""
 
@@ -43,6 +55,23 @@ class LayerLora:
         if unknown:
             raise ValueError(f"unknown LoRA target(s): {', '.join(sorted(unknown))}")
         self.projections = projections
+        # Built on first use per group of names; the projections never change after construction.
+        self._fused: dict[tuple[str, ...], FusedLora | None] = {}
+
+    def fused(self, names: tuple[str, ...]) -> FusedLora | None:
+        """The projections among `names` fused for one shrink matmul (None if none is adapted)."""
+        if names not in self._fused:
+            present = [(i, self.projections[n]) for i, n in enumerate(names) if n in self.projections]
+            if not present:
+                self._fused[names] = None
+            else:
+                parts, start = [], 0
+                for i, p in present:
+                    parts.append((i, slice(start, start + p.rank), (p.b.t() * p.scaling).contiguous()))
+                    start += p.rank
+                a_t = torch.cat([p.a for _, p in present]).t().contiguous()
+                self._fused[names] = FusedLora(a_t, parts)
+        return self._fused[names]
 
     def add(self, name: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` (the base projection of `h`) plus this layer's delta for projection `name`."""
@@ -78,12 +107,27 @@ class DeltaGroups:
         return bool(self.segments)
 
     def add(self, name: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.add_fused((name,), h, [out])[0]
+
+    def add_fused(
+        self, names: tuple[str, ...], h: torch.Tensor, outs: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Add the deltas of projections `names`, which all read `h`, to their outputs `outs` (in place).
+
+        Per adapter: one row gather, one shrink matmul for all the projections, then one expand
+        matmul per projection added into its rows; the outputs are fresh results of the base
+        matmuls, so adding in place is safe and saves a copy per adapter.
+        """
         for lora, rows in self.segments:
-            p = lora.projections.get(name)
-            if p is None:
+            fused = lora.fused(names)
+            if fused is None:
                 continue
             if rows is None:
-                out = out + (h @ p.a.t()) @ p.b.t() * p.scaling
+                z = h @ fused.a_t
+                for i, cols, b_t in fused.parts:
+                    outs[i].addmm_(z[:, cols], b_t)
             else:
-                out = out.index_add(0, rows, (h.index_select(0, rows) @ p.a.t()) @ p.b.t() * p.scaling)
-        return out
+                z = h.index_select(0, rows) @ fused.a_t
+                for i, cols, b_t in fused.parts:
+                    outs[i].index_add_(0, rows, z[:, cols] @ b_t)
+        return outs

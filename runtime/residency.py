@@ -27,6 +27,7 @@ class ResidencyStats:
     """Counters for metrics and tests."""
 
     resident_bytes: int = 0
+    peak_resident_bytes: int = 0
     hits: int = 0
     misses: int = 0
     loads: int = 0
@@ -101,6 +102,7 @@ class BlockResidency:
             self._make_room(nbytes)
             self._entries[key] = _Entry(value, nbytes)
             self.stats.resident_bytes += nbytes
+            self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
             self._lock.notify_all()
             return value
 

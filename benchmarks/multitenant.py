@@ -1,0 +1,227 @@
+"""Many models in one batch: BlockZoo against transformers + peft, and against itself unshared.
+
+    .venv/bin/python -m benchmarks.multitenant [--quick] [--num-requests N] [--workdir DIR]
+
+The zoo of benchmarks/zoo_dedup.py (a Llama-shaped base, 16 LoRA adapters of ranks 8-64 on four
+sets of targets, 4 full fine-tunes of the top layers), registered through `Zoo.register` by four
+tenants. 256 requests spread uniformly at random over the 21 models, lognormal (ShareGPT-shaped)
+prompt and output lengths, random token ids, greedy, every request at t=0. Served by:
+
+  (a) BlockZoo: one engine, per-block batching (each distinct block once per step, LoRA deltas by
+      segmented gather-matmul), KV segments at the fine-tunes' divergence layer;
+  (b) transformers + peft as a user would run them (benchmarks/multitenant_systems.py);
+  (c) BlockZoo with per-block batching off: each model's rows run as their own sub-batch.
+
+(a) and (c) run twice each in the order a c c a and report their medians; (b) runs once. Weights are
+fp32 in every system. Then (a) once more on prompts that share a 32-token prefix, for how often KV
+pages are shared across models. Prints, last:
+`headline: vs_hf_peft=<tok/s a over b> mem_vs_hf_peft=<peak weights a over b> vs_unshared=<tok/s a over c>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.multitenant_systems import ModelRequest, SystemResult, run_blockzoo, run_hf_peft
+from benchmarks.report import table
+from benchmarks.workload import BenchRequest, ShareGPTShape
+from benchmarks.zoo_workload import BASE_NAME, Workload, WorkloadSpec, build_workload, open_zoo
+from blockzoo.settings import Settings
+from zoo.kv_layout import kv_cuts
+from zoo.registry import Zoo
+
+MiB = 1 << 20
+SHARED_PREFIX = 32
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build(root: Path, spec: WorkloadSpec) -> tuple[Workload, Zoo]:
+    workload = build_workload(root / "checkpoints", spec, log, include_slight=False)
+    zoo = open_zoo(root / "zoo")
+    log(f"registering the base and {len(workload.models)} models")
+    zoo.add_base(BASE_NAME, workload.base)
+    for m in workload.models:
+        zoo.register(m.tenant, m.name, m.folder)
+    return workload, zoo
+
+
+def make_requests(
+    models: list[str], n: int, shape: ShareGPTShape, vocab: int, seed: int, prefix: list[int]
+) -> list[ModelRequest]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(5, vocab) for _ in range(shape.prompt.sample(rng))]
+        out.append(ModelRequest(rng.choice(models), BenchRequest(prefix + prompt, shape.output.sample(rng))))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def median_result(runs: list[SystemResult]) -> SystemResult:
+    return sorted(runs, key=lambda r: r.output_tokens / r.seconds)[len(runs) // 2]
+
+
+def row(r: SystemResult) -> list[object]:
+    return [
+        r.name,
+        f"{r.output_tokens / r.seconds:,.1f}",
+        f"{percentile(r.latencies, 0.5):.2f}",
+        f"{percentile(r.latencies, 0.99):.2f}",
+        f"{r.peak_weight_bytes / MiB:,.1f}",
+        f"{r.seconds:.1f}",
+    ]
+
+
+def matmul_rate(spec: WorkloadSpec, rows: int = 64) -> float:
+    """This machine's fp32 matmul rate, FLOP/s, on a [rows, hidden] x [hidden, intermediate] product."""
+    x = torch.randn(rows, spec.hidden_size)
+    w = torch.randn(spec.intermediate_size, spec.hidden_size)
+    for _ in range(3):
+        x @ w.t()
+    calls, start = 100, time.perf_counter()
+    for _ in range(calls):
+        x @ w.t()
+    return 2 * rows * spec.hidden_size * spec.intermediate_size * calls / (time.perf_counter() - start)
+
+
+def print_floor(spec: WorkloadSpec, requests: list[ModelRequest], a: SystemResult, b: SystemResult) -> None:
+    """How close to compute-bound the systems are: the workload's matmul FLOPs at this machine's rate."""
+    h, kv = spec.hidden_size, spec.hidden_size * spec.num_kv_heads // spec.num_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * spec.intermediate_size
+    body, head = spec.num_layers * layer, spec.vocab_size * h
+    # Every prompt token runs the layers; every generated token runs the layers and the head.
+    flops = sum(2 * body * len(r.request.prompt) + 2 * (body + head) * r.request.output_len for r in requests)
+    rate = matmul_rate(spec)
+    floor = flops / rate
+    print(
+        f"compute floor: {flops / 1e9:,.0f} GFLOP of base-model matmuls (LoRA and attention left out) at"
+        f" {rate / 1e9:.0f} GFLOP/s (this machine, 64-row fp32 matmul) = {floor:.1f} s. BlockZoo takes"
+        f" {a.seconds / floor:.1f}x that, transformers+peft {b.seconds / floor:.1f}x; so no system could beat"
+        f" transformers+peft by more than {b.seconds / floor:.1f}x here"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4 layers (top 1 fine-tuned), shorter requests")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    spec = WorkloadSpec(num_layers=4, top_layers=1) if args.quick else WorkloadSpec()
+    shape = ShareGPTShape(scale=16 if args.quick else 8)
+    started = time.perf_counter()
+    print(
+        f"# benchmarks/multitenant.py{' --quick' if args.quick else ''}\n"
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f};"
+        f" torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    root = Path(tempfile.mkdtemp(prefix="multitenant-", dir=args.workdir))
+    try:
+        workload, zoo = build(root, spec)
+        owners: dict[str, str | None] = {BASE_NAME: None} | {m.name: m.tenant for m in workload.models}
+        models = list(owners)
+        requests = make_requests(models, args.num_requests, shape, spec.vocab_size, args.seed, [])
+        # vLLM's default batch size (256 sequences): every request can be in one batch.
+        settings = Settings(
+            dtype="float32", kv_cache_memory=512 * MiB, max_num_seqs=256, max_num_batched_tokens=1024
+        )
+        cuts = kv_cuts(zoo, BASE_NAME, settings.max_kv_segments)
+        unshared = settings.model_copy(update={"per_block_batching": False})
+        runs: dict[str, list[SystemResult]] = {"a": [], "c": []}
+        for system in ("a", "c", "c", "a"):
+            name = "BlockZoo" if system == "a" else "BlockZoo, per-block batching off"
+            log(f"running {name}")
+            s = settings if system == "a" else unshared
+            runs[system].append(
+                run_blockzoo(zoo, owners, BASE_NAME, workload.base, requests, s, cuts, name, log)
+            )
+        a, c = median_result(runs["a"]), median_result(runs["c"])
+        adapters = {m.name: m.folder for m in workload.models if m.kind == "lora"}
+        full = {m.name: m.folder for m in workload.models if m.kind != "lora"}
+        b = run_hf_peft(workload.base, adapters, full, BASE_NAME, requests, log)
+        log("running BlockZoo on prompts with a shared prefix")
+        prefix = [random.Random(args.seed + 1).randrange(5, spec.vocab_size) for _ in range(SHARED_PREFIX)]
+        shared = make_requests(models, args.num_requests, shape, spec.vocab_size, args.seed, prefix)
+        sharing = run_blockzoo(zoo, owners, BASE_NAME, workload.base, shared, settings, cuts, "shared", log)
+        report(args, spec, shape, requests, a, b, c, runs, sharing)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s")
+    tput = {k: r.output_tokens / r.seconds for k, r in (("a", a), ("b", b), ("c", c))}
+    print(
+        f"headline: vs_hf_peft={tput['a'] / tput['b']:.2f}"
+        f" mem_vs_hf_peft={a.peak_weight_bytes / b.peak_weight_bytes:.3f}"
+        f" vs_unshared={tput['a'] / tput['c']:.2f}"
+    )
+
+
+def report(
+    args: argparse.Namespace,
+    spec: WorkloadSpec,
+    shape: ShareGPTShape,
+    requests: list[ModelRequest],
+    a: SystemResult,
+    b: SystemResult,
+    c: SystemResult,
+    runs: dict[str, list[SystemResult]],
+    sharing: SystemResult,
+) -> None:
+    prompt = [len(r.request.prompt) for r in requests]
+    output = [r.request.output_len for r in requests]
+    print(
+        f"\n## Workload: base (hidden {spec.hidden_size}, {spec.num_layers} layers, vocab {spec.vocab_size}),"
+        f" 16 LoRA adapters, 4 fine-tunes of the top {spec.top_layers} layer(s); {len(requests)} requests over"
+        f" {len({r.model for r in requests})} models, all at t=0"
+    )
+    print(
+        f"prompt tokens mean {statistics.fmean(prompt):.1f} (max {max(prompt)}), output tokens mean"
+        f" {statistics.fmean(output):.1f} (max {max(output)}); ShareGPT shape / {shape.scale:g}; greedy, fp32"
+    )
+    print("\n## Results (BlockZoo rows: the median of two runs by tokens/s)")
+    headers = ["system", "output tok/s", "latency p50 s", "latency p99 s", "peak weights MiB", "wall s"]
+    print(table(headers, [row(a), row(b), row(c)]))
+    each = [f"{r.output_tokens / r.seconds:,.1f}" for r in runs["a"]]
+    each_c = [f"{r.output_tokens / r.seconds:,.1f}" for r in runs["c"]]
+    print(f"every BlockZoo run, tok/s: per-block batching on {each}, off {each_c}")
+    same = sum(1 for x, y in zip(a.tokens, b.tokens, strict=True) if x == y)
+    print(
+        f"outputs: BlockZoo and transformers+peft agree on {same}/{len(requests)} requests token for token"
+        f" (padded fp32 batches can flip a near-tie); with and without per-block batching on"
+        f" {sum(1 for x, y in zip(a.tokens, c.tokens, strict=True) if x == y)}/{len(requests)}"
+    )
+    print(f"BlockZoo engine: {a.notes}")
+    print_floor(spec, requests, a, b)
+    hits = sharing.notes["segment_hit_tokens"]
+    beyond = sharing.notes["segment_shared_beyond_start"]
+    print(
+        f"\n## KV sharing, same requests with a common {SHARED_PREFIX}-token prefix"
+        f" (KV segments {sharing.notes['kv_segments']})"
+    )
+    total = sum(len(r.request.prompt) for r in requests) + SHARED_PREFIX * len(requests)
+    print(
+        f"prompt tokens {total}; found in the cache per segment {hits}; of which beyond where the request's"
+        f" computation started (pages of another model's request, shared below the divergence) {beyond};"
+        f" throughput {sharing.output_tokens / sharing.seconds:,.1f} tok/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
