@@ -143,6 +143,7 @@ class InferenceService:
             num_preemptions=sum(p.num_preemptions for p in parts),
             prefix_queries=sum(p.prefix_queries for p in parts),
             prefix_hits=sum(p.prefix_hits for p in parts),
+            cross_model_kv_hits=sum(p.cross_model_kv_hits for p in parts),
         )
 
     def resident_bytes(self) -> int:

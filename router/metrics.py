@@ -98,6 +98,12 @@ class Metrics:
         self.prefix_cache_hits = Counter(
             PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", ENGINE, registry=r
         )
+        self.cross_model_kv_hits = Counter(
+            PREFIX + "kv_cross_model_hits",
+            "Prompt tokens whose lower layers' KV pages came from another model's request (KV segments).",
+            ENGINE,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             PREFIX + "prompt_tokens", "Prompt tokens processed.", REQUEST, registry=r
         )
@@ -184,6 +190,7 @@ class Metrics:
         preemptions_total: int,
         prefix_queries_total: int,
         prefix_hits_total: int,
+        cross_model_kv_hits_total: int = 0,
         engine: str = "0",
     ) -> None:
         """Set the engine gauges; the `*_total` arguments are the engine's running totals."""
@@ -195,6 +202,7 @@ class Metrics:
             self._advance(self.num_preemptions, engine, "preemptions", preemptions_total)
             self._advance(self.prefix_cache_queries, engine, "prefix_queries", prefix_queries_total)
             self._advance(self.prefix_cache_hits, engine, "prefix_hits", prefix_hits_total)
+            self._advance(self.cross_model_kv_hits, engine, "cross_model_kv_hits", cross_model_kv_hits_total)
 
     def set_residency_stats(
         self, hits_total: int, misses_total: int, load_seconds_total: float, engine: str = "0"

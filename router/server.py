@@ -49,6 +49,7 @@ def build_server(settings: Settings) -> BuiltServer:
             preemptions_total=stats.num_preemptions,
             prefix_queries_total=stats.prefix_queries,
             prefix_hits_total=stats.prefix_hits,
+            cross_model_kv_hits_total=stats.cross_model_kv_hits,
         )
         residency = inference.residency.stats
         metrics.set_residency_stats(residency.hits, residency.misses, residency.load_seconds)

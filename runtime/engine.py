@@ -40,6 +40,8 @@ class EngineStats(NamedTuple):
     num_preemptions: int
     prefix_queries: int
     prefix_hits: int
+    # Prompt tokens whose lower layers' KV came from another model's request (KV segments).
+    cross_model_kv_hits: int = 0
 
 
 class LLMEngine:
@@ -197,4 +199,5 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_queries=kv.prefix_stats.queries,
             prefix_hits=kv.prefix_stats.hits,
+            cross_model_kv_hits=sum(kv.sharing.shared_beyond_start),
         )

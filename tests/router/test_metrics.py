@@ -73,7 +73,7 @@ def test_observed_requests_appear_with_their_values() -> None:
 def test_engine_stats_set_gauges_and_advance_counters_by_difference() -> None:
     m = Metrics()
     m.set_engine_stats(3, 2, 0.25, 4096, 5, 100, 40)
-    m.set_engine_stats(4, 0, 0.5, 8192, 8, 150, 90)
+    m.set_engine_stats(4, 0, 0.5, 8192, 8, 150, 90, cross_model_kv_hits_total=32)
     e0 = labels(engine="0")
     got = samples(m)
     assert got[("blockzoo:num_requests_running", e0)] == 4
@@ -83,6 +83,7 @@ def test_engine_stats_set_gauges_and_advance_counters_by_difference() -> None:
     assert got[("blockzoo:num_preemptions_total", e0)] == 8
     assert got[("blockzoo:prefix_cache_queries_total", e0)] == 150
     assert got[("blockzoo:prefix_cache_hits_total", e0)] == 90
+    assert got[("blockzoo:kv_cross_model_hits_total", e0)] == 32
     # The engine restarted: its totals count from zero again and the counter keeps growing.
     m.set_engine_stats(0, 0, 0.0, 0, 2, 10, 1)
     got = samples(m)

@@ -100,6 +100,7 @@ def test_base_and_partial_fine_tune_share_lower_layer_pages(
     assert sharing.shared_beyond_start == [full * PAGE, 0]
     # Whole-model prefix hits (computation skipped): only ft-2.
     assert manager.prefix_stats.hits == full * PAGE
+    assert engine.stats().cross_model_kv_hits == full * PAGE
     assert engine.stats().num_free_pages == engine.stats().num_total_pages
 
 
