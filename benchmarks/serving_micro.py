@@ -11,33 +11,20 @@ one call, so it is wall time on this (shared) machine, not CPU time.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from fastapi.concurrency import run_in_threadpool
 
 from benchmarks.report import table
 from benchmarks.serving_server import DemoServer
+from benchmarks.timing import time_call
 from router.catalog_cache import CatalogCache
 from router.sse_chunks import ChunkFramer
 from router.usage import UsageRecorder
 from router.usage_buffer import UsageBuffer
 from zoo.catalog.tenants import authenticate, get_tenant
 from zoo.registry import ModelRef
-
-
-def time_call(fn: Callable[[], object], calls: int, rounds: int = 5) -> float:
-    """Median over `rounds` of the mean seconds per call of `fn`."""
-    fn()
-    per_call = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per_call.append((time.perf_counter() - start) / calls)
-    return statistics.median(per_call)
 
 
 async def _hops(calls: int) -> float:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.report import table
+from benchmarks.timing import calls_for, time_call
 from kernels.w4a16_cpu import CpuInt4Linear
 from kernels.w4a16_format import quantize_rtn
 
@@ -31,20 +30,9 @@ BATCHES = (1, 16, 64)
 
 
 def median_seconds(fn: Callable[[], object], min_time: float = 0.3, rounds: int = 7) -> float:
-    """Median over `rounds` of the mean time of `fn`, each round at least `min_time / rounds` long."""
-    fn()
-    start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < min_time / rounds or calls < 2:
-        fn()
-        calls += 1
-    per_round = max(1, calls)
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(per_round):
-            fn()
-        times.append((time.perf_counter() - t) / per_round)
-    return statistics.median(times)
+    """Median over `rounds` of the mean time of `fn`, each round about `min_time / rounds` long."""
+    fn()  # warm-up, so the calibration call below is not the first one
+    return time_call(fn, calls_for(fn, min_time / rounds), rounds)
 
 
 def main() -> None:

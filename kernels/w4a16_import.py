@@ -72,7 +72,7 @@ def from_gptq(
         scales=scales,
         zeros=None if symmetric else zeros,
         group_size=group_size,
-        g_idx=None if sequential else g_idx.to(torch.int32) if g_idx is not None else None,
+        g_idx=None if g_idx is None or sequential else g_idx.to(torch.int32),
     )
 
 

@@ -36,7 +36,7 @@ class UsageRow(NamedTuple):
 
     tenant_id: int
     model_id: int
-    hour: datetime
+    hour: datetime  # any moment of the hour: record_many rounds it down
     prompt_tokens: int
     completion_tokens: int
     requests: int
@@ -68,9 +68,7 @@ class UsageRecorder:
         while the request ran): there is nothing left to bill it to.
         """
         return (
-            self.record_many(
-                [UsageRow(tenant_id, model_id, hour_of(at), prompt_tokens, completion_tokens, requests)]
-            )
+            self.record_many([UsageRow(tenant_id, model_id, at, prompt_tokens, completion_tokens, requests)])
             == 1
         )
 

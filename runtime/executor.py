@@ -37,13 +37,20 @@ class BatchInputs(NamedTuple):
 
 
 class _SegmentRows:
-    """Where one KV segment writes this step's keys and values: slots, and rows if not all."""
+    """Where one KV segment writes this step's keys and values: slots, and the rows it must skip."""
 
     def __init__(self) -> None:
         self.slots: list[int] = []
-        self.rows: list[int] = []
-        self.skipped = False
+        self.skipped: list[int] = []
         self.spans: list[PrefillSpan] = []
+
+    def write_rows(self, num_rows: int) -> torch.Tensor | None:
+        """The rows whose keys and values are written, in order; None when that is every row."""
+        if not self.skipped:
+            return None
+        keep = torch.ones(num_rows, dtype=torch.bool)
+        keep[self.skipped] = False
+        return keep.nonzero().flatten()
 
 
 class ModelExecutor:
@@ -69,12 +76,10 @@ class ModelExecutor:
         """Slots of positions [start, end) in segment g's pages, except those already written there."""
         ps = self.page_size
         table = request.page_tables[g]
-        floor = request.kv_write_floors[g] if request.kv_write_floors else 0
-        if floor > start:
-            seg.skipped = True
-        for offset, p in enumerate(range(max(start, floor), end), start=max(start, floor) - start):
-            seg.slots.append(table[p // ps] * ps + p % ps)
-            seg.rows.append(row + offset)
+        first = max(start, request.kv_write_floors[g]) if request.kv_write_floors else start
+        if first > start:
+            seg.skipped.extend(range(row, row + min(first, end) - start))
+        seg.slots.extend(table[p // ps] * ps + p % ps for p in range(first, end))
 
     def _context_slots(self, page_tables: list[list[int]], length: int) -> torch.Tensor:
         """Slots of positions [0, length) for each page table, padded with slot 0: [B, length]."""
@@ -131,7 +136,7 @@ class ModelExecutor:
                 decode_positions=decode_lengths - 1,
                 decode_lengths=decode_lengths,
                 prefills=seg.spans,
-                write_rows=torch.tensor(seg.rows, dtype=torch.int64) if seg.skipped else None,
+                write_rows=seg.write_rows(len(token_ids)),
             )
             for g, seg in enumerate(per_segment)
         ]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from blockzoo.settings import Settings
+from runtime.engine import LLMEngine
 from runtime.llm import LLM
 
 
@@ -25,3 +26,13 @@ def assert_no_leaks(llm: LLM) -> None:
     stats = llm.engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.num_free_pages == stats.num_total_pages
+
+
+def finish_all(engine: LLMEngine) -> dict[str, list[int]]:
+    """Step `engine` until every request finished; each request id's final tokens."""
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+    return out

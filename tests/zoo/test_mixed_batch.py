@@ -20,7 +20,7 @@ from runtime.checkpoint_loader import load_tokenizer
 from runtime.engine import LLMEngine
 from runtime.residency import BlockResidency
 from runtime.sampling_params import SamplingParams
-from tests.runtime.engine_helpers import random_prompts
+from tests.runtime.engine_helpers import finish_all, random_prompts
 from tests.zoo.test_lora_oracle import make_adapter
 from tests.zoo.zoo_helpers import add_tenant, fine_tune_top_layers, open_zoo
 from zoo.registry import Zoo
@@ -86,21 +86,12 @@ def chains(zoo: Zoo, models: list[str], residency: BlockResidency | None = None)
     return out
 
 
-def run(engine: LLMEngine) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return out
-
-
 def mixed_run(world: dict[str, Any], by_model: dict[str, Chain], settings: Settings) -> dict[str, list[int]]:
     tokenizer = load_tokenizer(world["base"])
     engine = LLMEngine(by_model["base"], tokenizer, settings)
     for i, (prompt, model) in enumerate(zip(world["prompts"], world["assignment"], strict=True)):
         engine.add_request(prompt, PARAMS, request_id=str(i), chain=by_model[model], tokenizer=tokenizer)
-    return run(engine)
+    return finish_all(engine)
 
 
 def oracle(world: dict[str, Any], model: str, prompt: list[int]) -> list[int]:
@@ -132,7 +123,7 @@ def alone(world: dict[str, Any]) -> dict[str, list[int]]:
         for i, (prompt, m) in enumerate(zip(world["prompts"], world["assignment"], strict=True)):
             if m == model:
                 engine.add_request(prompt, PARAMS, request_id=str(i))
-        out.update(run(engine))
+        out.update(finish_all(engine))
     return out
 
 

@@ -11,20 +11,11 @@ from blockzoo.tiny_models import TinyModelCache
 from runtime.checkpoint_loader import load_tokenizer
 from runtime.engine import LLMEngine
 from runtime.sampling_params import SamplingParams
-from tests.runtime.engine_helpers import random_prompts
+from tests.runtime.engine_helpers import finish_all, random_prompts
 from tests.zoo.test_lora_oracle import make_adapter
 from tests.zoo.zoo_helpers import add_tenant, fine_tune_top_layers, open_zoo
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-
-def run_all(engine: LLMEngine) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return out
 
 
 def test_mixed_models_in_one_engine_match_serving_alone(
@@ -54,7 +45,7 @@ def test_mixed_models_in_one_engine_match_serving_alone(
         for i, (p, m) in enumerate(zip(prompts, assignment, strict=True)):
             if m == name:
                 engine.add_request(p, PARAMS, request_id=str(i))
-        alone.update(run_all(engine))
+        alone.update(finish_all(engine))
 
     for mode in (
         {"per_block_batching": True},
@@ -64,12 +55,12 @@ def test_mixed_models_in_one_engine_match_serving_alone(
         mixed = LLMEngine(chains["base"], tokenizer, settings.model_copy(update=mode))
         for i, (p, m) in enumerate(zip(prompts, assignment, strict=True)):
             mixed.add_request(p, PARAMS, request_id=str(i), chain=chains[m], tokenizer=tokenizer, model=m)
-        assert run_all(mixed) == alone, mode
+        assert finish_all(mixed) == alone, mode
     # The models really differ: the same prompt gives different tokens on each chain.
     probe = LLMEngine(chains["base"], tokenizer, settings)
     for name, chain in chains.items():
         probe.add_request(prompts[0], PARAMS, request_id=name, chain=chain)
-    outs = run_all(probe)
+    outs = finish_all(probe)
     assert len({tuple(v) for v in outs.values()}) == 3
     stats = mixed.stats()
     assert stats.num_free_pages == stats.num_total_pages
