@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from runtime.attention import AttentionMetadata, LayerKV, paged_attention
 from runtime.errors import CorruptCheckpointError
-from runtime.lora import DeltaGroups, LayerLora
+from runtime.linear import Int4Linear, Linear, make_linear
+from runtime.lora import PROJECTIONS, DeltaGroups, LayerLora
 from runtime.model_config import ModelConfig
 from runtime.rope import apply_rotary
 
@@ -90,26 +91,36 @@ class LayerBlock:
         self.eps = c.rms_norm_eps
         self.input_norm = _require(tensors, "input_layernorm.weight", (h,), where)
         self.post_norm = _require(tensors, "post_attention_layernorm.weight", (h,), where)
-        self.wq = _require(tensors, "self_attn.q_proj.weight", (q, h), where)
-        self.wk = _require(tensors, "self_attn.k_proj.weight", (kv, h), where)
-        self.wv = _require(tensors, "self_attn.v_proj.weight", (kv, h), where)
-        self.wo = _require(tensors, "self_attn.o_proj.weight", (h, q), where)
-        self.bq = _require(tensors, "self_attn.q_proj.bias", (q,), where) if c.qkv_bias else None
-        self.bk = _require(tensors, "self_attn.k_proj.bias", (kv,), where) if c.qkv_bias else None
-        self.bv = _require(tensors, "self_attn.v_proj.bias", (kv,), where) if c.qkv_bias else None
-        self.bo = _require(tensors, "self_attn.o_proj.bias", (h,), where) if c.o_bias else None
+        # Activations run in the norms' dtype, whatever the projections store (e.g. 4-bit codes).
+        self.dtype = self.input_norm.dtype
+        self.q_proj = make_linear(tensors, "self_attn.q_proj", q, h, c.qkv_bias, where)
+        self.k_proj = make_linear(tensors, "self_attn.k_proj", kv, h, c.qkv_bias, where)
+        self.v_proj = make_linear(tensors, "self_attn.v_proj", kv, h, c.qkv_bias, where)
+        self.o_proj = make_linear(tensors, "self_attn.o_proj", h, q, c.o_bias, where)
         self.q_norm = (
             _require(tensors, "self_attn.q_norm.weight", (c.head_dim,), where) if c.qk_norm else None
         )
         self.k_norm = (
             _require(tensors, "self_attn.k_norm.weight", (c.head_dim,), where) if c.qk_norm else None
         )
-        self.w_gate = _require(tensors, "mlp.gate_proj.weight", (inter, h), where)
-        self.w_up = _require(tensors, "mlp.up_proj.weight", (inter, h), where)
-        self.w_down = _require(tensors, "mlp.down_proj.weight", (h, inter), where)
-        self.b_gate = _require(tensors, "mlp.gate_proj.bias", (inter,), where) if c.mlp_bias else None
-        self.b_up = _require(tensors, "mlp.up_proj.bias", (inter,), where) if c.mlp_bias else None
-        self.b_down = _require(tensors, "mlp.down_proj.bias", (h,), where) if c.mlp_bias else None
+        self.gate_proj = make_linear(tensors, "mlp.gate_proj", inter, h, c.mlp_bias, where)
+        self.up_proj = make_linear(tensors, "mlp.up_proj", inter, h, c.mlp_bias, where)
+        self.down_proj = make_linear(tensors, "mlp.down_proj", h, inter, c.mlp_bias, where)
+        # Every tensor the layer computes with, under its block-local name (equivalence checks read these).
+        self.tensors = {name: tensors[name] for name in _used_names(tensors, c)}
+        self.quantized = any(isinstance(p, Int4Linear) for p in self.projections().values())
+
+    def projections(self) -> dict[str, Linear]:
+        """The seven projections by block-local name ("self_attn.q_proj", …)."""
+        return {
+            "self_attn.q_proj": self.q_proj,
+            "self_attn.k_proj": self.k_proj,
+            "self_attn.v_proj": self.v_proj,
+            "self_attn.o_proj": self.o_proj,
+            "mlp.gate_proj": self.gate_proj,
+            "mlp.up_proj": self.up_proj,
+            "mlp.down_proj": self.down_proj,
+        }
 
     def forward(
         self,
@@ -136,9 +147,9 @@ class LayerBlock:
         c = self.config
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, self.eps)
-        q = F.linear(h, self.wq, self.bq)
-        k = F.linear(h, self.wk, self.bk)
-        v = F.linear(h, self.wv, self.bv)
+        q = self.q_proj(h)
+        k = self.k_proj(h)
+        v = self.v_proj(h)
         if deltas:
             q, k, v = deltas.add_fused(QKV, h, [q, k, v])
         q = q.view(t, c.num_heads, c.head_dim)
@@ -152,17 +163,26 @@ class LayerBlock:
     def finish(self, x: torch.Tensor, attn: torch.Tensor, deltas: DeltaGroups) -> torch.Tensor:
         """Output projection, residual, post-attention norm and the SwiGLU MLP."""
         attn = attn.reshape(x.shape[0], self.config.q_size)
-        o = F.linear(attn, self.wo, self.bo)
+        o = self.o_proj(attn)
         if deltas:
             o = deltas.add("self_attn.o_proj", attn, o)
         x = x + o
         h = rms_norm(x, self.post_norm, self.eps)
-        gate = F.linear(h, self.w_gate, self.b_gate)
-        up = F.linear(h, self.w_up, self.b_up)
+        gate = self.gate_proj(h)
+        up = self.up_proj(h)
         if deltas:
             gate, up = deltas.add_fused(GATE_UP, h, [gate, up])
         act = F.silu(gate) * up
-        down = F.linear(act, self.w_down, self.b_down)
+        down = self.down_proj(act)
         if deltas:
             down = deltas.add("mlp.down_proj", act, down)
         return x + down
+
+
+def _used_names(tensors: dict[str, torch.Tensor], config: ModelConfig) -> list[str]:
+    names = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    if config.qk_norm:
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    for proj in PROJECTIONS:
+        names += [n for n in tensors if n.startswith(proj + ".")]
+    return names

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from runtime.blocks import EmbedBlock, HeadBlock, LayerBlock
 from runtime.chain import Chain
 from runtime.errors import CorruptCheckpointError, MissingFileError, ModelLoadError
+from runtime.linear import cast_floating
 from runtime.model_config import ModelConfig
 from runtime.rope import RotaryTable
 from runtime.safetensors_mmap import SafetensorsFile
@@ -87,7 +88,7 @@ def split_into_blocks(
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     # Same-dtype tensors stay views of the mapping; others are converted exactly once.
-    return {k: (t if t.dtype == dtype else t.to(dtype)) for k, t in tensors.items()}
+    return cast_floating(tensors, dtype)
 
 
 def build_chain(

@@ -122,7 +122,7 @@ def run_layer(
         context = prefill_context(chain, hidden.shape[0])
     elif context.length != hidden.shape[0]:
         raise ValueError(f"context is for {context.length} tokens but hidden has {hidden.shape[0]} rows")
-    dtype = layer.wq.dtype
+    dtype = layer.dtype
     kv = LayerKV(
         torch.zeros(context.num_slots, c.num_kv_heads, c.head_dim, dtype=dtype),
         torch.zeros(context.num_slots, c.num_kv_heads, c.head_dim, dtype=dtype),

@@ -24,28 +24,6 @@ from zoo.blocks import fields_for
 
 Progress = Callable[[int, int], None]
 
-# LayerBlock attribute → block-local tensor name (as in checkpoints and zoo blocks).
-_LAYER_TENSOR_NAMES: dict[str, str] = {
-    "input_norm": "input_layernorm.weight",
-    "post_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "bq": "self_attn.q_proj.bias",
-    "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias",
-    "bo": "self_attn.o_proj.bias",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-    "b_gate": "mlp.gate_proj.bias",
-    "b_up": "mlp.up_proj.bias",
-    "b_down": "mlp.down_proj.bias",
-}
-
 
 class LayerReport(NamedTuple):
     """How layer `layer` of a fine-tune compares with the base's layer at the same position.
@@ -74,15 +52,7 @@ class ModelEffect(NamedTuple):
 
 def layer_tensors(layer: LayerBlock) -> dict[str, torch.Tensor]:
     """A layer block's tensors under their block-local names (e.g. "self_attn.q_proj.weight")."""
-    out: dict[str, torch.Tensor] = {}
-    for attr, value in vars(layer).items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        name = _LAYER_TENSOR_NAMES.get(attr)
-        if name is None:
-            raise TypeError(f"LayerBlock tensor attribute {attr!r} has no known block-local name")
-        out[name] = value
-    return out
+    return dict(layer.tensors)
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from runtime.blocks import EmbedBlock, HeadBlock, LayerBlock
 from runtime.chain import ResidentChain
+from runtime.linear import cast_floating
 from runtime.lora import LayerLora
 from runtime.model_config import ModelConfig
 from runtime.residency import BlockResidency
@@ -18,7 +19,7 @@ from zoo.block_store import BlockStore
 
 def _materialize(store: BlockStore, block_id: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     # A private copy: the block costs memory while resident and must be read again once evicted.
-    return {k: t.to(dtype, copy=True) for k, t in store.load(block_id).tensors.items()}
+    return cast_floating(store.load(block_id).tensors, dtype, copy=True)
 
 
 def _size(tensors: dict[str, torch.Tensor]) -> int:

@@ -36,8 +36,8 @@ def test_same_dtype_weights_are_views_of_one_mapping(model_dir: Path) -> None:
     st = SafetensorsFile(model_dir / "model.safetensors")
     names = {
         "model.embed_tokens.weight": chain.embed.weight,
-        "model.layers.0.self_attn.q_proj.weight": chain.layers[0].wq,
-        "model.layers.1.mlp.down_proj.weight": chain.layers[1].w_down,
+        "model.layers.0.self_attn.q_proj.weight": chain.layers[0].q_proj.weight,
+        "model.layers.1.mlp.down_proj.weight": chain.layers[1].down_proj.weight,
     }
     # Views of one mapping sit exactly as far apart in memory as their data sits in the file;
     # copies would be independent allocations.
@@ -49,7 +49,7 @@ def test_same_dtype_weights_are_views_of_one_mapping(model_dir: Path) -> None:
 
 def test_bf16_setting_converts_weights(model_dir: Path) -> None:
     chain = load_checkpoint(model_dir, torch.bfloat16)
-    assert chain.layers[0].wq.dtype == torch.bfloat16
+    assert chain.layers[0].q_proj.weight.dtype == torch.bfloat16
     assert chain.head.lm_head.dtype == torch.bfloat16
 
 
@@ -60,7 +60,7 @@ def test_sharded_checkpoint_loads_same_weights(tmp_path: Path, model_dir: Path) 
     assert len(list(sharded.glob("*.safetensors"))) > 1
     a = load_checkpoint(model_dir)
     b = load_checkpoint(sharded)
-    assert torch.equal(a.layers[1].w_up, b.layers[1].w_up)
+    assert torch.equal(a.layers[1].up_proj.weight, b.layers[1].up_proj.weight)
     assert torch.equal(a.head.lm_head, b.head.lm_head)
 
 

@@ -128,8 +128,8 @@ def test_rel_frobenius_counts_deltas(base: Chain) -> None:
     layer = base.layers[0]
     assert rel_frobenius(layer, None, layer, None) == 0.0
     gen = torch.Generator().manual_seed(3)
-    a = torch.randn(2, layer.wq.shape[1], generator=gen)
-    b = torch.randn(layer.wq.shape[0], 2, generator=gen)
+    a = torch.randn(2, layer.q_proj.weight.shape[1], generator=gen)
+    b = torch.randn(layer.q_proj.weight.shape[0], 2, generator=gen)
     lora = LayerLora({"self_attn.q_proj": LoraProjection(a, b, 0.5)})
     expected = float(torch.linalg.matrix_norm(0.5 * b @ a)) / (
         sum(float(t.double().pow(2).sum()) for t in layer_tensors(layer).values()) ** 0.5

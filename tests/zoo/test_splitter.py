@@ -221,7 +221,9 @@ def test_load_chain_casts_and_refuses_blocks_that_do_not_fit(
 ) -> None:
     _, store, block_ids, raw_config, _ = stored_model
     chain = load_chain(store, block_ids, raw_config, torch.bfloat16)
-    assert chain.layers[0].wq.dtype == torch.bfloat16 and chain.head.lm_head.dtype == torch.bfloat16
+    assert (
+        chain.layers[0].q_proj.weight.dtype == torch.bfloat16 and chain.head.lm_head.dtype == torch.bfloat16
+    )
     with pytest.raises(ChainAssemblyError, match="needs 4 chain entries, got 3"):
         load_chain(store, block_ids[:-1], raw_config, torch.float32)
     with pytest.raises(ChainAssemblyError, match=r"position 0 .*kind 'embed', got 'layer'"):
