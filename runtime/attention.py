@@ -189,6 +189,13 @@ def paged_attention(
 def _decode_attention(
     q: torch.Tensor, meta: AttentionMetadata, kv: LayerKV, window: int | None
 ) -> torch.Tensor:
+    if q.is_cuda:
+        # The Triton kernel reads each row's own length through the slot table: no groups, no padding.
+        from kernels.paged_attention_triton import paged_decode_attention  # triton only where it runs
+
+        slots = meta.decode_slots.to(q.device, non_blocking=True)
+        lengths = meta.decode_lengths.to(q.device, non_blocking=True)
+        return paged_decode_attention(q, kv.key, kv.value, slots, lengths, window)
     groups = meta.decode_groups()
     if len(groups) == 1:
         return _decode_group_attention(q, groups[0], meta.decode_mask(0, window), kv)
