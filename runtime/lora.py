@@ -117,7 +117,15 @@ class DeltaGroups:
         Per adapter: one row gather, one shrink matmul for all the projections, then one expand
         matmul per projection added into its rows; the outputs are fresh results of the base
         matmuls, so adding in place is safe and saves a copy per adapter.
+
+        On the GPU, the segmented Triton kernels do the same for all adapters at once (one shrink
+        launch, one expand launch per projection). They need the segments' rows to be disjoint, so
+        a segment of all rows next to others stays on the loop below.
         """
+        if h.is_cuda and (len(self.segments) == 1 or all(rows is not None for _, rows in self.segments)):
+            from kernels.lora_triton import lora_add_fused  # triton is imported only where it runs
+
+            return lora_add_fused([(lora.fused(names), rows) for lora, rows in self.segments], h, outs)
         for lora, rows in self.segments:
             fused = lora.fused(names)
             if fused is None:
