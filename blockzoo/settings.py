@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     weights_memory: int | None = Field(
         default=None, gt=0, description="Bytes of resident block weights; None means no limit."
     )
+    weights_quantization: str | None = Field(
+        default=None,
+        max_length=32,
+        description="Serve every block that has a quantized variant of this label (e.g. w4a16-g128-gptq, "
+        "made by `blockzoo zoo quantize`) on that variant; LoRA deltas stay 16-bit on top. None: as registered.",
+    )
     num_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads; None leaves torch's default."
     )

@@ -74,7 +74,12 @@ class InferenceService:
         loaded = self.loaded(ref)
         if loaded is not None:
             return loaded
-        chain = self.zoo.load_chain(ref, DTYPES[self.settings.dtype], residency=self.residency)
+        chain = self.zoo.load_chain(
+            ref,
+            DTYPES[self.settings.dtype],
+            residency=self.residency,
+            quantization=self.settings.weights_quantization,
+        )
         tokenizer = load_tokenizer(self.zoo.tokenizer_path(ref))
         loaded = LoadedModel(ref, chain, tokenizer)
         with self._lock:

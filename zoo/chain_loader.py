@@ -69,12 +69,12 @@ def check_block_fits(block: BlockData, config: ModelConfig, position: int) -> No
     tied = bool(block.fields.get("tied")) if kind == "head" else None
     # A head may be tied although the config is not: the checkpoint had no lm_head, as the runtime allows.
     expected = fields_for(kind, config, position - 1 if kind == "layer" else None, tied=tied)
-    if block.fields != expected:
-        diff = sorted(
-            k for k in expected.keys() | block.fields.keys() if block.fields.get(k) != expected.get(k)
-        )
+    # How a layer's weights are stored (dense or 4-bit) is not architecture: any chain may use either.
+    fields = {k: v for k, v in block.fields.items() if k != "quantization"}
+    if fields != expected:
+        diff = sorted(k for k in expected.keys() | fields.keys() if fields.get(k) != expected.get(k))
         detail = ", ".join(
-            f"{k}: block has {block.fields.get(k)!r}, config needs {expected.get(k)!r}" for k in diff
+            f"{k}: block has {fields.get(k)!r}, config needs {expected.get(k)!r}" for k in diff
         )
         raise ChainAssemblyError(f"{where} does not fit the config: {detail}")
 

@@ -209,3 +209,20 @@ def model_effect(
         if progress is not None:
             progress(done, len(calib))
     return ModelEffect(max(kl_sum / positions, 0.0), agree / positions, positions)
+
+
+def perplexity(chain: Chain, calib: list[list[int]]) -> float:
+    """exp of the mean negative log-likelihood of each calibration token after the first."""
+    _check_calibration(calib)
+    nll = 0.0
+    count = 0
+    for prompt in calib:
+        if len(prompt) < 2:
+            continue
+        log_p = torch.log_softmax(trace(chain, prompt).logits.double(), dim=-1)
+        targets = torch.tensor(prompt[1:])
+        nll -= float(log_p[:-1].gather(1, targets[:, None]).sum())
+        count += len(prompt) - 1
+    if count == 0:
+        raise ValueError("perplexity needs a calibration prompt of at least two tokens")
+    return math.exp(nll / count)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -41,8 +41,10 @@ from zoo.errors import (
 from zoo.finetune_plan import FineTuneOptions, plan_fine_tune
 from zoo.names import shape_digest, validate_model_name
 from zoo.peft_adapter import is_peft_adapter
+from zoo.quantize import QuantizeOptions
 from zoo.reports import RegistrationReport
 from zoo.splitter import SplitCheckpoint, split_checkpoint
+from zoo.variants import QuantizeReport, finish_report, prepare_quantized_model, variant_entries
 
 log = logging.getLogger(__name__)
 
@@ -328,12 +330,42 @@ class Zoo:
             )
 
     def load_chain(
-        self, ref: ModelRef, dtype: torch.dtype, verify: bool = False, residency: BlockResidency | None = None
+        self,
+        ref: ModelRef,
+        dtype: torch.dtype,
+        verify: bool = False,
+        residency: BlockResidency | None = None,
+        quantization: str | None = None,
     ) -> Chain:
-        """The model's chain; with `residency`, its blocks load on demand into that weights budget."""
+        """The model's chain; with `residency`, its blocks load on demand into that weights budget.
+
+        With `quantization` (a label such as "w4a16-g128-rtn"), blocks that have a variant of that
+        label run on it instead (see `zoo.variants`).
+        """
+        entries = ref.entries
+        if quantization is not None:
+            with self.sessions() as session:
+                entries = variant_entries(session, entries, quantization)
         return load_chain_entries(
-            self.store, ref.entries, ref.raw_config, dtype, verify=verify, residency=residency
+            self.store, entries, ref.raw_config, dtype, verify=verify, residency=residency
         )
+
+    def quantize(
+        self,
+        tenant: str | None,
+        name: str,
+        options: QuantizeOptions,
+        new_name: str | None = None,
+        calibration_texts: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> QuantizeReport:
+        """Register a 4-bit twin of model `name` (see `zoo.variants`); its blocks link to their sources."""
+        started = time.perf_counter()
+        made = prepare_quantized_model(self, tenant, name, options, new_name, calibration_texts, progress)
+        written = RegistrationReport(model=made.report.model, kind="quantized", base=None)
+        self._write(written, made.blocks, made.deltas, None, made.record, progress, made.entries)
+        log.info("quantized", extra={"model": made.report.model, "source": name, "method": options.label})
+        return finish_report(made.report, written, started)
 
     def tokenizer_path(self, ref: ModelRef) -> Path:
         return self.store.tokenizer_path(ref.tokenizer_id)

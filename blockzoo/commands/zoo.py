@@ -1,4 +1,4 @@
-"""`blockzoo zoo add-base|register|list|delete|stats|gc`: the block zoo from the command line."""
+"""`blockzoo zoo add-base|register|quantize|list|delete|stats|gc`: the block zoo from the command line."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from runtime.errors import BlockZooError
 from zoo.calibration import CalibrationError, load_calibration_file
 from zoo.catalog.models import Model, Tenant
 from zoo.finetune_plan import FineTuneOptions
+from zoo.quantize import METHODS, QuantizeOptions
 from zoo.reports import RegistrationReport
 from zoo.stats import zoo_stats
 
@@ -54,6 +55,19 @@ def register(sub: Any) -> None:
     reg.add_argument("--evaluate", action="store_true", help="measure every layer against the base")
     reg.add_argument("--calibration", type=Path, default=None, help="file of calibration prompts")
 
+    quant = actions.add_parser(
+        "quantize", help="Register a 4-bit twin of a model (RTN or GPTQ) and report its quality."
+    )
+    quant.add_argument("model")
+    quant.add_argument("--tenant", default=None, help="the model's owner (default: a shared base)")
+    quant.add_argument("--bits", type=int, default=4, help="bits per weight (4)")
+    quant.add_argument("--group-size", type=int, default=128, help="inputs sharing one scale")
+    quant.add_argument("--method", choices=METHODS, default="rtn", help="rtn, or gptq (uses calibration)")
+    quant.add_argument("--symmetric", action="store_true", help="zero point fixed at 8 (no stored zeros)")
+    quant.add_argument("--act-order", action="store_true", help="GPTQ: quantize high-activation inputs first")
+    quant.add_argument("--name", default=None, help="the new model's name (default: MODEL-<quantization>)")
+    quant.add_argument("--calibration", type=Path, default=None, help="file of calibration prompts")
+
     listing = actions.add_parser("list", help="List models.")
     listing.add_argument("--tenant", default=None)
     delete = actions.add_parser("delete", help="Delete a model (a base only when no fine-tune uses it).")
@@ -61,7 +75,7 @@ def register(sub: Any) -> None:
     delete.add_argument("--tenant", default=None)
     actions.add_parser("stats", help="Stored bytes against storing every model whole.")
     actions.add_parser("gc", help="Remove block files no model references.")
-    for action in (base, reg, listing, delete, actions.choices["stats"], actions.choices["gc"]):
+    for action in (base, reg, quant, listing, delete, actions.choices["stats"], actions.choices["gc"]):
         action.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.set_defaults(handler=run)
 
@@ -130,6 +144,20 @@ def _dispatch(zoo: Any, args: argparse.Namespace) -> int:
                 args.tenant, args.name, args.path, base=args.base, progress=progress, options=options
             )
         _print_report(report, args.json)
+    elif command == "quantize":
+        quantize_options = QuantizeOptions(
+            bits=args.bits,
+            group_size=args.group_size,
+            method=args.method,
+            symmetric=args.symmetric,
+            act_order=args.act_order,
+        )
+        texts = tuple(load_calibration_file(args.calibration)) if args.calibration else None
+        with _progress_bar(not args.json) as progress:
+            result = zoo.quantize(
+                args.tenant, args.model, quantize_options, args.name, texts, progress=progress
+            )
+        print(json.dumps(result.to_dict()) if args.json else result.table())
     elif command == "list":
         rows = _list_models(zoo, args.tenant)
         print(
