@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from benchmarks.report import table
 from benchmarks.timing import calls_for, time_call
+from benchmarks.w4a16_decode import print_decode_table
 from kernels.w4a16_cpu import CpuInt4Linear
 from kernels.w4a16_format import quantize_rtn
 
@@ -90,7 +91,7 @@ def main() -> None:
     ]
     print(f"\n## CPU, group size {args.group_size} (median of 7 rounds)")
     print(table(headers, rows))
-    print("end-to-end decode with int4 chains: not measured yet (quantized chains are not served yet)")
+    print_decode_table(args.quick)
     print(f"headline: cpu_int4_vs_fp32_m1={headline:.2f}")
 
 
