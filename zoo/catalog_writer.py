@@ -190,14 +190,14 @@ def build_new_model(
     blocks: list[BlockData],
     deltas: list[DeltaData],
 ) -> NewModel:
-    block_meta = {b.block_id: _block_meta(b) for b in blocks}
+    metas = {b.block_id: block_meta(b) for b in blocks}
     for entry in entries:
-        if entry.block_id not in block_meta:
-            block_meta[entry.block_id] = BlockMeta(*_existing_block(sessions, entry.block_id))
+        if entry.block_id not in metas:
+            metas[entry.block_id] = BlockMeta(*_existing_block(sessions, entry.block_id))
     delta_meta = {
         d.delta_id: _delta_meta(d, e.block_id) for e in entries for d in deltas if d.delta_id in e.delta_ids
     }
-    naive = sum(block_meta[e.block_id].nbytes for e in entries)
+    naive = sum(metas[e.block_id].nbytes for e in entries)
     naive += sum(delta_meta[d].nbytes for e in entries for d in e.delta_ids)
     return NewModel(
         tenant_id=tenant_id,
@@ -208,7 +208,7 @@ def build_new_model(
         tokenizer_id=tokenizer_id,
         chain_digest=chain_digests(entries)[-1].hex(),
         entries=entries,
-        blocks=block_meta,
+        blocks=metas,
         deltas=delta_meta,
         naive_bytes=naive,
         stored_bytes_new=0,
@@ -223,9 +223,13 @@ def _existing_block(sessions: sessionmaker[Session], block_id: str) -> tuple[str
         return row.kind.value, row.nbytes, row.dtype
 
 
-def _block_meta(block: BlockData) -> BlockMeta:
-    first = next(iter(block.tensors.values()))
-    return BlockMeta(block.kind, block.tensor_bytes(), str(first.dtype).removeprefix("torch."))
+def block_meta(block: BlockData) -> BlockMeta:
+    """What the catalog records about `block`, its quantization label included (no source)."""
+    floats = [t for t in block.tensors.values() if t.is_floating_point()]
+    dtype = str(floats[0].dtype).removeprefix("torch.") if floats else "int32"
+    quant = block.fields.get("quantization")
+    label = str(quant["label"]) if isinstance(quant, dict) and "label" in quant else None
+    return BlockMeta(block.kind, block.tensor_bytes(), dtype, label)
 
 
 def _delta_meta(delta: DeltaData, target: str) -> DeltaMeta:

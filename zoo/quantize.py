@@ -88,6 +88,7 @@ class QuantizeOptions:
             "method": self.method,
             "symmetric": self.symmetric,
             "act_order": self.act_order,
+            "label": self.label,
         }
 
 

@@ -27,7 +27,7 @@ from zoo.blocks import BlockData, DeltaData
 from zoo.calibration import calibration_token_ids
 from zoo.catalog.models import BaseModel, Block, Model, Tenant
 from zoo.catalog.types import ModelKind
-from zoo.catalog_writer import BlockMeta, NewModel, build_new_model, record_model
+from zoo.catalog_writer import NewModel, block_meta, build_new_model, record_model
 from zoo.chain_loader import ChainEntry
 from zoo.equivalence import model_effect, perplexity
 from zoo.errors import DuplicateNameError, NotFoundError
@@ -193,7 +193,7 @@ def prepare_quantized_model(
     entries.append(ref.entries[-1])
     deltas = [zoo.store.load_delta(d) for e in entries for d in e.delta_ids]
     meta = {
-        b.block_id: BlockMeta("layer", b.tensor_bytes(), _float_dtype(b), options.label, s.block_id)
+        b.block_id: block_meta(b)._replace(source_block_id=s.block_id)
         for b, s in zip(blocks, sources, strict=True)
     }
     raw_config = {
@@ -223,11 +223,6 @@ def prepare_quantized_model(
 
     report.seconds = time.perf_counter() - start
     return QuantizedModel(blocks, deltas, entries, report, record)
-
-
-def _float_dtype(block: BlockData) -> str:
-    floats = [t for t in block.tensors.values() if t.is_floating_point()]
-    return str(floats[0].dtype).removeprefix("torch.") if floats else "int32"
 
 
 def finish_report(report: QuantizeReport, written: RegistrationReport, started: float) -> QuantizeReport:
