@@ -5,6 +5,9 @@ At every chain position the rows are grouped by block object. Rows whose chains 
 block but carry different deltas stay in one group: the base projection runs once for all of
 them and each delta is added on its own segment of rows (see `DeltaGroups`). A bound on the
 rows of one block execution (BlockLLM's per-block batch size) splits larger groups.
+
+Rows are kept as ranges: the executor orders a mixed batch by chain, so a group's or an
+adapter's rows are usually one slice (a view) rather than a gather (see runtime/row_ranges.py).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from runtime.blocks import EmbedBlock, HeadBlock, LayerBlock
 from runtime.chain import Chain
 from runtime.lora import DeltaGroups, LayerLora
 from runtime.rope import RotaryTable
+from runtime.row_ranges import Range, Rows, as_rows, coalesce, localize, num_rows, split
 
 
 class LayerGroup(NamedTuple):
     """One execution of one layer block: its rows (None = every row of the batch) and their deltas."""
 
     block: LayerBlock
-    rows: torch.Tensor | None
+    rows: Rows
     deltas: DeltaGroups
 
 
@@ -38,7 +42,7 @@ class BatchPlan:
         self.chains: list[Chain] = []
         index: dict[int, int] = {}
         owner = torch.empty(num_rows, dtype=torch.int64)
-        ranges: list[list[tuple[int, int]]] = []
+        ranges: list[list[Range]] = []
         for chain, start, end in segments:
             i = index.get(id(chain))
             if i is None:
@@ -48,10 +52,7 @@ class BatchPlan:
             ranges[i].append((start, end))
             owner[start:end] = i
         self.owner = owner
-        self.rows = [
-            torch.cat([torch.arange(s, e) for s, e in r]) if r else torch.empty(0, dtype=torch.int64)
-            for r in ranges
-        ]
+        self.ranges = [coalesce(r) for r in ranges]
 
     def _grouped(self, keys: list[int]) -> list[tuple[int, list[int]]]:
         """Chain indices grouped by key, in first-seen order."""
@@ -60,24 +61,25 @@ class BatchPlan:
             groups.setdefault(key, []).append(chain_index)
         return list(groups.items())
 
-    def _rows_of(self, chain_indices: list[int]) -> torch.Tensor | None:
+    def _ranges_of(self, chain_indices: list[int]) -> list[Range]:
         if len(chain_indices) == len(self.chains):
-            return None
-        return torch.cat([self.rows[i] for i in chain_indices])
+            return [(0, self.num_rows)]
+        return coalesce(r for i in chain_indices for r in self.ranges[i])
 
-    def _split(self, rows: torch.Tensor | None) -> list[torch.Tensor | None]:
+    def _rows_of(self, chain_indices: list[int]) -> Rows:
+        return as_rows(self._ranges_of(chain_indices), self.num_rows)
+
+    def _split(self, ranges: list[Range]) -> list[list[Range]]:
         limit = self.max_block_rows
-        total = self.num_rows if rows is None else int(rows.numel())
-        if limit is None or total <= limit:
-            return [rows]
-        all_rows = torch.arange(self.num_rows) if rows is None else rows
-        return list(all_rows.split(limit))
+        if limit is None or num_rows(ranges) <= limit:
+            return [ranges]
+        return split(ranges, limit)
 
-    def embed_groups(self) -> list[tuple[EmbedBlock, torch.Tensor | None]]:
+    def embed_groups(self) -> list[tuple[EmbedBlock, Rows]]:
         groups = self._grouped([id(c.embed) for c in self.chains])
         return [(self.chains[ids[0]].embed, self._rows_of(ids)) for _, ids in groups]
 
-    def rope_groups(self) -> list[tuple[RotaryTable, torch.Tensor | None]]:
+    def rope_groups(self) -> list[tuple[RotaryTable, Rows]]:
         # Chains of one base share their rope; a fine-tune with its own rope gets its own tables.
         groups = self._grouped([hash(c.config.rope) for c in self.chains])
         return [(self.chains[ids[0]].rotary, self._rows_of(ids)) for _, ids in groups]
@@ -85,34 +87,24 @@ class BatchPlan:
     def layer_groups(self, position: int) -> list[LayerGroup]:
         out: list[LayerGroup] = []
         for _, ids in self._grouped([id(c.layers[position]) for c in self.chains]):
-            rows = self._rows_of(ids)
-            for part in self._split(rows):
-                out.append(
-                    LayerGroup(self.chains[ids[0]].layers[position], part, self._deltas(ids, position, part))
-                )
+            block = self.chains[ids[0]].layers[position]
+            for part in self._split(self._ranges_of(ids)):
+                out.append(LayerGroup(block, as_rows(part, self.num_rows), self._deltas(ids, position, part)))
         return out
 
-    def _deltas(self, chain_ids: list[int], position: int, rows: torch.Tensor | None) -> DeltaGroups:
-        """Delta segments for the rows of one group, as positions within that group's rows."""
+    def _deltas(self, chain_ids: list[int], position: int, part: list[Range]) -> DeltaGroups:
+        """Delta segments for the rows `part` of one group, as positions within those rows."""
         loras: dict[int, tuple[LayerLora, list[int]]] = {}
         for i in chain_ids:
             lora = self.chains[i].delta_for(position)
             if lora is not None:
                 loras.setdefault(id(lora), (lora, []))[1].append(i)
-        if not loras:
-            return DeltaGroups([])
-        if rows is None and len(loras) == 1 and len(next(iter(loras.values()))[1]) == len(self.chains):
-            return DeltaGroups([(next(iter(loras.values()))[0], None)])
-        group_rows = torch.arange(self.num_rows) if rows is None else rows
-        owners = self.owner.index_select(0, group_rows)
-        segments: list[tuple[LayerLora, torch.Tensor | None]] = []
+        total = num_rows(part)
+        segments: list[tuple[LayerLora, Rows]] = []
         for lora, users in loras.values():
-            mask = torch.zeros_like(owners, dtype=torch.bool)
-            for u in users:
-                mask |= owners == u
-            local = mask.nonzero().flatten()
-            if local.numel():
-                segments.append((lora, None if local.numel() == owners.numel() else local))
+            local = localize(self._ranges_of(users), part)
+            if local:
+                segments.append((lora, as_rows(local, total)))
         return DeltaGroups(segments)
 
     def head_groups(self, sample_rows: torch.Tensor) -> list[tuple[HeadBlock, torch.Tensor | None]]:

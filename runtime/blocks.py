@@ -16,6 +16,7 @@ from runtime.linear import Int4Linear, Linear, make_linear
 from runtime.lora import PROJECTIONS, DeltaGroups, LayerLora
 from runtime.model_config import ModelConfig
 from runtime.rope import apply_rotary
+from runtime.vocab_linear import vocab_linear
 
 # Projections that read the same input: their adapters share one shrink matmul.
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -76,7 +77,7 @@ class HeadBlock:
             raise CorruptCheckpointError(f"{where}: lm_head.weight is missing and embeddings are not tied")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(hidden, self.norm, self.eps), self.lm_head).float()
+        return vocab_linear(rms_norm(hidden, self.norm, self.eps), self.lm_head).float()
 
 
 class LayerBlock:

@@ -96,6 +96,12 @@ class ModelExecutor:
         # Decode-shaped chunks (one token) go first so they can share one padded attention call.
         decodes = [c for c in output.chunks if c.num_tokens == 1]
         prefills = [c for c in output.chunks if c.num_tokens != 1]
+        rank = _chain_ranks([c.request.chain or self.chain for c in output.chunks])
+        if rank is not None:
+            # Rows of one chain next to each other (within the decode part and within the prompt
+            # part): a block's or an adapter's rows are then a slice, not a gather (BatchPlan).
+            decodes.sort(key=lambda c: rank[id(c.request.chain or self.chain)])
+            prefills.sort(key=lambda c: rank[id(c.request.chain or self.chain)])
         num_segments = self.segments.num_segments
         token_ids: list[int] = []
         positions: list[int] = []
@@ -203,6 +209,29 @@ class ModelExecutor:
             )
         logits = chain.head.forward(hidden[batch.sample_rows])
         return ExecutorOutput(logits=logits, requests=batch.sample_requests)
+
+
+def _chain_ranks(chains: list[Chain]) -> dict[int, tuple[int, ...]] | None:
+    """A sort key per chain (by id) that puts chains sharing blocks and deltas next to each other.
+
+    Chains compare position by position from the head down (a fine-tune's own top layers first),
+    each position's blocks and deltas numbered in order of first appearance, so the order is
+    deterministic. None when the rows all follow one chain.
+    """
+    distinct = list({id(c): c for c in chains}.values())
+    if len(distinct) == 1:
+        return None
+    seen: list[dict[object, int]] = []
+    keys: dict[int, tuple[int, ...]] = {}
+    for chain in distinct:
+        deltas = [id(chain.delta_for(i)) for i in range(chain.num_layers)]
+        parts: list[object] = [*reversed(chain.block_keys()), *reversed(deltas)]
+        if len(seen) < len(parts):
+            seen.extend({} for _ in range(len(parts) - len(seen)))
+        keys[id(chain)] = tuple(
+            codes.setdefault(p, len(codes)) for codes, p in zip(seen, parts, strict=False)
+        )
+    return keys
 
 
 def _extend_segments(segments: list[tuple[Chain, int, int]], chain: Chain, start: int, n: int) -> None:

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from runtime.row_ranges import Rows
+
 # The projections of a Llama-family layer that an adapter may target, by block-local name.
 PROJECTIONS: tuple[str, ...] = (
     "self_attn.q_proj",
@@ -96,7 +98,7 @@ class DeltaGroups:
     distinct adapter (whatever its rank), never one call per request.
     """
 
-    def __init__(self, segments: list[tuple[LayerLora, torch.Tensor | None]]) -> None:
+    def __init__(self, segments: list[tuple[LayerLora, Rows]]) -> None:
         self.segments = segments
 
     @classmethod
@@ -114,9 +116,11 @@ class DeltaGroups:
     ) -> list[torch.Tensor]:
         """Add the deltas of projections `names`, which all read `h`, to their outputs `outs` (in place).
 
-        Per adapter: one row gather, one shrink matmul for all the projections, then one expand
-        matmul per projection added into its rows; the outputs are fresh results of the base
-        matmuls, so adding in place is safe and saves a copy per adapter.
+        Per adapter: one shrink matmul for all the projections, then one expand matmul per
+        projection added into its rows; the outputs are fresh results of the base matmuls, so
+        adding in place is safe and saves a copy per adapter. Rows given as a slice (the executor
+        orders rows by chain, so that is the usual case) are views: no gather, and the expand
+        accumulates straight into them. Rows given as indices are gathered and `index_add_`ed.
 
         On the GPU, the segmented Triton kernels do the same for all adapters at once (one shrink
         launch, one expand launch per projection). They need the segments' rows to be disjoint, so
@@ -125,7 +129,9 @@ class DeltaGroups:
         if h.is_cuda and (len(self.segments) == 1 or all(rows is not None for _, rows in self.segments)):
             from kernels.lora_triton import lora_add_fused  # triton is imported only where it runs
 
-            return lora_add_fused([(lora.fused(names), rows) for lora, rows in self.segments], h, outs)
+            return lora_add_fused(
+                [(lora.fused(names), _indices(rows)) for lora, rows in self.segments], h, outs
+            )
         for lora, rows in self.segments:
             fused = lora.fused(names)
             if fused is None:
@@ -134,8 +140,19 @@ class DeltaGroups:
                 z = h @ fused.a_t
                 for i, cols, b_t in fused.parts:
                     outs[i].addmm_(z[:, cols], b_t)
+            elif isinstance(rows, slice):
+                z = h[rows] @ fused.a_t
+                for i, cols, b_t in fused.parts:
+                    outs[i][rows].addmm_(z[:, cols], b_t)
             else:
                 z = h.index_select(0, rows) @ fused.a_t
                 for i, cols, b_t in fused.parts:
                     outs[i].index_add_(0, rows, z[:, cols] @ b_t)
         return outs
+
+
+def _indices(rows: Rows) -> torch.Tensor | None:
+    """Rows as an index tensor (None stays None), for kernels that take indices."""
+    if isinstance(rows, slice):
+        return torch.arange(rows.start, rows.stop)
+    return rows
