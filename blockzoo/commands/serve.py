@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from typing import Any
 
@@ -20,7 +21,56 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default=None, help="interface to bind (default: BLOCKZOO_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default: BLOCKZOO_PORT)")
     p.add_argument("--demo", action="store_true", help="build the demo zoo first if this data dir has none")
+    p.add_argument(
+        "--weights-memory",
+        type=parse_bytes,
+        default=None,
+        metavar="SIZE",
+        help="budget of resident block weights, e.g. 512MiB or 2GB (default: BLOCKZOO_WEIGHTS_MEMORY)",
+    )
+    p.add_argument(
+        "--weights-quantization",
+        default=None,
+        metavar="LABEL",
+        help="serve blocks on their 4-bit variants of this label, e.g. w4a16-g128-gptq "
+        "(default: BLOCKZOO_WEIGHTS_QUANTIZATION)",
+    )
     p.set_defaults(handler=run)
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """`"512MiB"`, `"2GB"`, `"1048576"` → bytes; argparse turns the ValueError into a usage error."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GB or a number of bytes)")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return value
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The environment's settings with this command line's overrides on top."""
+    updates: dict[str, Any] = {}
+    if args.weights_memory is not None:
+        updates["weights_memory"] = args.weights_memory
+    if args.weights_quantization is not None:
+        updates["weights_quantization"] = args.weights_quantization
+    # Keyword arguments win over the environment and are validated like it.
+    return Settings(**updates)
 
 
 def curl_example(host: str, port: int, key: str, model: str) -> str:
@@ -32,7 +82,7 @@ def curl_example(host: str, port: int, key: str, model: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = settings_from_args(args)
     host = args.host or settings.host
     port = args.port or settings.port
     built = build_server(settings)

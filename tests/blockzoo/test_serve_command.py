@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.router.live_server import free_port
 
 
@@ -74,3 +76,29 @@ def test_serve_demo_prints_a_working_curl_and_the_admin_key_once(tmp_path: Path)
         assert any(line.strip().startswith("curl ") for line in lines)
     finally:
         stop(proc)
+
+
+def test_command_line_overrides_weights_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockzoo.cli import build_parser
+    from blockzoo.commands.serve import parse_bytes, settings_from_args
+
+    assert (
+        parse_bytes("512MiB") == 512 << 20 and parse_bytes("2GB") == 2 * 10**9 and parse_bytes("4096") == 4096
+    )
+    assert parse_bytes("1.5 GiB") == 3 << 29
+    for bad in ("lots", "12 parsecs", "0", "-5MiB"):
+        with pytest.raises(ValueError, match="size"):
+            parse_bytes(bad)
+    monkeypatch.setenv("BLOCKZOO_WEIGHTS_MEMORY", str(1 << 30))
+    monkeypatch.setenv("BLOCKZOO_WEIGHTS_QUANTIZATION", "w4a16-g128-rtn")
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "--weights-memory", "256MiB", "--weights-quantization", "w4a16-g32-gptq"]
+    )
+    settings = settings_from_args(args)
+    assert settings.weights_memory == 256 << 20 and settings.weights_quantization == "w4a16-g32-gptq"
+    # Without the flags the environment decides.
+    settings = settings_from_args(parser.parse_args(["serve"]))
+    assert settings.weights_memory == 1 << 30 and settings.weights_quantization == "w4a16-g128-rtn"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--weights-memory", "lots"])
