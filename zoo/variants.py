@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sqlalchemy import select
@@ -34,6 +34,9 @@ from zoo.errors import DuplicateNameError, NotFoundError
 from zoo.names import validate_model_name
 from zoo.quantize import QuantizeOptions, quantize_layers
 from zoo.reports import RegistrationReport
+
+if TYPE_CHECKING:  # the registry imports this module to offer Zoo.quantize
+    from zoo.registry import Zoo
 
 Progress = Callable[[str, float], None]
 CALIBRATION_TOKENS = 128
@@ -142,7 +145,7 @@ class QuantizedModel:
 
 
 def prepare_quantized_model(
-    zoo: Any,
+    zoo: Zoo,
     tenant: str | None,
     name: str,
     options: QuantizeOptions,
