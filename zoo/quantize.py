@@ -23,7 +23,7 @@ import torch
 from kernels.w4a16_format import quantize_rtn
 from runtime.blocks import LayerBlock
 from runtime.chain import Chain
-from runtime.linear import DenseLinear, Linear, cast_floating, packed_tensors
+from runtime.linear import Linear, cast_floating, packed_tensors
 from runtime.lora import PROJECTIONS
 from runtime.trace import PrefillContext, prefill_context, run_layer
 from zoo.blocks import BlockData
@@ -211,8 +211,3 @@ def quantize_layers(
             if progress is not None:
                 progress(i + 1, len(sources))
     return out
-
-
-def is_dense(layer: LayerBlock) -> bool:
-    """Whether every projection of `layer` holds dense weights (a quantization source)."""
-    return all(isinstance(p, DenseLinear) for p in layer.projections().values())

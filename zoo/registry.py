@@ -12,11 +12,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from runtime.chain import Chain
@@ -27,7 +26,6 @@ from runtime.residency import BlockResidency
 from zoo.adapter_chain import adapter_chain
 from zoo.base_matching import base_for_adapter, base_for_checkpoint
 from zoo.block_store import BlockStore, GcReport
-from zoo.blocks import BlockData, DeltaData
 from zoo.catalog.models import BaseModel, Block, ChainEntryDelta, Delta, Model, Tenant
 from zoo.catalog.models import ChainEntry as ChainEntryRow
 from zoo.catalog.types import ModelKind, ModelStatus
@@ -39,17 +37,17 @@ from zoo.errors import (
     RegistrationError,
 )
 from zoo.finetune_plan import FineTuneOptions, plan_fine_tune
+from zoo.model_writer import write_model
 from zoo.names import shape_digest, validate_model_name
 from zoo.peft_adapter import is_peft_adapter
 from zoo.quantize import QuantizeOptions
 from zoo.reports import RegistrationReport
 from zoo.splitter import SplitCheckpoint, split_checkpoint
-from zoo.variants import QuantizeReport, finish_report, prepare_quantized_model, variant_entries
+from zoo.variants import QuantizeReport, quantize_model, variant_entries
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
-Namespace = Literal["blocks", "deltas"]
 
 
 class ModelRef(NamedTuple):
@@ -111,7 +109,7 @@ class Zoo:
                 ),
             )
 
-        self._write(report, split.blocks, [], Path(folder), record, progress)
+        write_model(self.sessions, self.store, report, split.blocks, [], Path(folder), record, progress)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -201,7 +199,17 @@ class Zoo:
                 ),
             )
 
-        self._write(report, plan.blocks, plan.deltas, tokenizer_dir, record, progress, plan.entries)
+        write_model(
+            self.sessions,
+            self.store,
+            report,
+            plan.blocks,
+            plan.deltas,
+            tokenizer_dir,
+            record,
+            progress,
+            plan.entries,
+        )
         return report
 
     def _register_adapter(
@@ -230,7 +238,17 @@ class Zoo:
                 ),
             )
 
-        self._write(report, built.new_blocks, built.deltas, None, record, progress, built.entries)
+        write_model(
+            self.sessions,
+            self.store,
+            report,
+            built.new_blocks,
+            built.deltas,
+            None,
+            record,
+            progress,
+            built.entries,
+        )
         return report
 
     # -- helpers -----------------------------------------------------------------------------
@@ -250,55 +268,6 @@ class Zoo:
         if tid is None:
             raise NotFoundError(f"unknown tenant {tenant!r}")
         return tid
-
-    def _write(
-        self,
-        report: RegistrationReport,
-        blocks: list[BlockData],
-        deltas: list[DeltaData],
-        tokenizer_folder: Path | None,
-        record: Callable[[Session, str], Model],
-        progress: Progress | None,
-        entries: list[ChainEntry] | None = None,
-    ) -> None:
-        created: list[tuple[str, Namespace]] = []
-        try:
-            tokenizer_id = self.store.put_tokenizer(tokenizer_folder) if tokenizer_folder is not None else ""
-            items: list[BlockData | DeltaData] = [*blocks, *deltas]
-            for i, item in enumerate(items):
-                result = self.store.put(item)
-                if result.created:
-                    created.append((result.block_id, "blocks" if isinstance(item, BlockData) else "deltas"))
-                    report.bytes_new += item.tensor_bytes()
-                    if isinstance(item, BlockData):
-                        report.blocks_new += 1
-                    else:
-                        report.deltas_new += 1
-                if progress is not None:
-                    progress("writing blocks", (i + 1) / max(len(items), 1))
-            with self.sessions() as session, session.begin():
-                model = record(session, tokenizer_id)
-                report.naive_bytes = model.naive_bytes
-                model.stored_bytes_new = report.bytes_new
-            chain = entries if entries is not None else [ChainEntry(b.block_id) for b in blocks]
-            new_ids = {bid for bid, _ in created}
-            report.blocks_total = len(chain)
-            report.blocks_shared = sum(1 for e in chain if e.block_id not in new_ids)
-            report.bytes_shared = report.naive_bytes - report.bytes_new
-        except IntegrityError as exc:
-            self._discard(created)
-            raise DuplicateNameError(f"a model named {report.model!r} was registered concurrently") from exc
-        except BaseException:
-            self._discard(created)
-            raise
-
-    def _discard(self, created: list[tuple[str, Namespace]]) -> None:
-        """Remove files this registration created, unless the catalog names them (another writer)."""
-        with self.sessions() as session:
-            for content_id, namespace in created:
-                table = Block if namespace == "blocks" else Delta
-                if session.get(table, content_id) is None:
-                    self.store.delete(content_id, namespace=namespace)
 
     # -- reading and deleting ----------------------------------------------------------------
 
@@ -360,12 +329,9 @@ class Zoo:
         progress: Progress | None = None,
     ) -> QuantizeReport:
         """Register a 4-bit twin of model `name` (see `zoo.variants`); its blocks link to their sources."""
-        started = time.perf_counter()
-        made = prepare_quantized_model(self, tenant, name, options, new_name, calibration_texts, progress)
-        written = RegistrationReport(model=made.report.model, kind="quantized", base=None)
-        self._write(written, made.blocks, made.deltas, None, made.record, progress, made.entries)
-        log.info("quantized", extra={"model": made.report.model, "source": name, "method": options.label})
-        return finish_report(made.report, written, started)
+        report = quantize_model(self, tenant, name, options, new_name, calibration_texts, progress)
+        log.info("quantized", extra={"model": report.model, "source": name, "method": options.label})
+        return report
 
     def tokenizer_path(self, ref: ModelRef) -> Path:
         return self.store.tokenizer_path(ref.tokenizer_id)

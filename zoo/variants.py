@@ -31,6 +31,7 @@ from zoo.catalog_writer import NewModel, block_meta, build_new_model, record_mod
 from zoo.chain_loader import ChainEntry
 from zoo.equivalence import model_effect, perplexity
 from zoo.errors import DuplicateNameError, NotFoundError
+from zoo.model_writer import write_model
 from zoo.names import validate_model_name
 from zoo.quantize import QuantizeOptions, quantize_layers
 from zoo.reports import RegistrationReport
@@ -154,7 +155,6 @@ def prepare_quantized_model(
     progress: Progress | None = None,
 ) -> QuantizedModel:
     """Quantize `name` (as `tenant` sees it) and measure it; nothing is written yet."""
-    start = time.perf_counter()
     ref = zoo.resolve(tenant, name)
     owner = ref.tenant
     target = new_name or f"{name}-{options.label}"
@@ -224,11 +224,25 @@ def prepare_quantized_model(
         )
         return record_model(session, new._replace(blocks={**new.blocks, **meta}))
 
-    report.seconds = time.perf_counter() - start
     return QuantizedModel(blocks, deltas, entries, report, record)
 
 
-def finish_report(report: QuantizeReport, written: RegistrationReport, started: float) -> QuantizeReport:
-    report.blocks_new = written.blocks_new
-    report.seconds = time.perf_counter() - started
-    return report
+def quantize_model(
+    zoo: Zoo,
+    tenant: str | None,
+    name: str,
+    options: QuantizeOptions,
+    new_name: str | None = None,
+    calibration_texts: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> QuantizeReport:
+    """Quantize model `name` and register its 4-bit twin (see the module docstring)."""
+    started = time.perf_counter()
+    made = prepare_quantized_model(zoo, tenant, name, options, new_name, calibration_texts, progress)
+    written = RegistrationReport(model=made.report.model, kind="quantized", base=None)
+    write_model(
+        zoo.sessions, zoo.store, written, made.blocks, made.deltas, None, made.record, progress, made.entries
+    )
+    made.report.blocks_new = written.blocks_new
+    made.report.seconds = time.perf_counter() - started
+    return made.report

@@ -12,17 +12,15 @@ from kernels.lora_reference import (
     lora_expand_reference,
     lora_shrink_reference,
 )
-from kernels.lora_triton import (
+from kernels.lora_segments import (
     CONFIGS,
     SMALL_SEGMENT,
     LoraTileConfig,
     PackedLora,
-    lora_add_fused,
-    lora_expand,
-    lora_shrink,
     pack_segments,
     pick_config,
 )
+from kernels.lora_triton import lora_add_fused, lora_expand, lora_shrink
 from runtime.lora import DeltaGroups, FusedLora, LayerLora, LoraProjection
 
 # Widths that are no multiple of any block size, so every mask is exercised; k and v narrower than q.
