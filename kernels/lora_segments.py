@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from kernels.gpu_family import gpu_family
+
 if TYPE_CHECKING:
     from runtime.lora import FusedLora
 
@@ -42,10 +44,7 @@ CONFIGS: dict[str, tuple[LoraTileConfig, LoraTileConfig]] = {
 
 
 def pick_config(longest_segment: int, device: torch.device) -> LoraTileConfig:
-    family = "default"
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        family = "sm90" if major >= 9 else "sm80" if major >= 8 else "default"
+    family = gpu_family(device)
     small, large = CONFIGS[family]
     return small if longest_segment <= SMALL_SEGMENT else large
 

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.gpu_family import gpu_family
 from kernels.paged_attention_reference import check_decode_shapes
 
 
@@ -59,10 +60,7 @@ CONFIGS: dict[str, DecodeConfig] = {
 
 
 def pick_config(device: torch.device) -> DecodeConfig:
-    family = "default"
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        family = "sm90" if major >= 9 else "sm80" if major >= 8 else "default"
+    family = gpu_family(device)
     return CONFIGS[family]
 
 

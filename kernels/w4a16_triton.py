@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.gpu_family import gpu_family
 from kernels.w4a16_format import PackedW4
 
 
@@ -47,10 +48,7 @@ CONFIGS: dict[str, tuple[TileConfig, TileConfig]] = {
 
 
 def pick_config(m: int, device: torch.device) -> TileConfig:
-    family = "default"
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        family = "sm90" if major >= 9 else "sm80" if major >= 8 else "default"
+    family = gpu_family(device)
     small, large = CONFIGS[family]
     return small if m <= SMALL_M else large
 
