@@ -108,6 +108,26 @@ class Settings(BaseSettings):
         description="Usage is summed in memory and written to the catalog this often (and at shutdown).",
     )
 
+    # Faults: what the server does when Redis or the catalog database goes away, and on SIGTERM.
+    quota_redis_failure: Literal["local", "closed"] = Field(
+        default="local",
+        description="While Redis is unreachable: 'local' enforces each tenant's limits in this process"
+        " (each API process then grants the full limit), 'closed' refuses limited requests with 503.",
+    )
+    quota_redis_retry_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=3600.0,
+        description="After Redis failed, requests skip it for this long before it is tried again.",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        le=86_400.0,
+        description="On SIGTERM, in-flight requests get this long to finish while new ones get 503;"
+        " then the process exits.",
+    )
+
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Lowest level that is logged."

@@ -95,6 +95,7 @@ class Generation:
                         tokenizer=self.loaded.tokenizer,
                         tenant=self.tenant,
                         model=self.loaded.ref.name,
+                        cache_salt=self.inference.cache_salt(self.loaded, self.tenant),
                     )
                 )
         except BaseException:

@@ -1,8 +1,10 @@
 """Where the router meets the runtime: resolve a tenant's model, load its chain, pick its engine.
 
 One engine per base model: every model registered on a base has the base's KV layout, so
-their requests share one page pool and one step loop (and later, per-block batches). Chains
-are loaded from the zoo on first use and kept in a small LRU.
+their requests share one page pool and one step loop (and per-block batches). The engine is
+configured from the base itself, never from whichever of its fine-tunes was asked for first; each
+request carries its own model's context limit. Chains are loaded from the zoo on first use and kept
+in a small LRU.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,13 +24,27 @@ from runtime.chain import Chain
 from runtime.checkpoint_loader import load_tokenizer
 from runtime.engine import DTYPES, EngineStats, LLMEngine
 from runtime.kv_segments import KVSegments
-from runtime.outputs import RequestOutput
 from runtime.residency import BlockResidency
-from runtime.sampling_params import SamplingParams
+from runtime.scheduler_config import context_limit
 from zoo.kv_layout import kv_cuts
 from zoo.registry import ModelRef, Zoo
 
 log = logging.getLogger(__name__)
+
+PrefixCacheSharing = Literal["tenant", "public_bases", "global"]
+
+
+def prefix_cache_salt(sharing: PrefixCacheSharing, tenant: str, shared_model: bool) -> str | None:
+    """The engine's `cache_salt` for a request of `tenant` on a model (`shared_model`: a public one).
+
+    A prefix-cache hit shows in a request's latency, so pages shared across tenants would let one
+    tenant time another's prompts. "tenant" salts by tenant (a tenant's own models still share,
+    the lower layers' KV segments included); "public_bases" lets requests on public models share
+    across tenants; "global" shares wherever the chains agree (None: no salt).
+    """
+    if sharing == "global" or (sharing == "public_bases" and shared_model):
+        return None
+    return f"tenant:{tenant}"
 
 
 class LoadedModel(NamedTuple):
@@ -71,6 +86,12 @@ class InferenceService:
         return None
 
     def load(self, ref: ModelRef) -> LoadedModel:
+        """The model's chain and tokenizer, with its base's engine started (off the event loop)."""
+        loaded = self._load_chain(ref)
+        self.engine_for(loaded)
+        return loaded
+
+    def _load_chain(self, ref: ModelRef) -> LoadedModel:
         loaded = self.loaded(ref)
         if loaded is not None:
             return loaded
@@ -93,42 +114,35 @@ class InferenceService:
         return result
 
     def engine_for(self, loaded: LoadedModel) -> AsyncLLMEngine:
+        """The engine of the model's base, started on first use from the base model itself."""
+        key = loaded.engine_key
         with self._lock:
-            engine = self._engines.get(loaded.engine_key)
+            engine = self._engines.get(key)
+        if engine is not None:
+            return engine
+        # The base, not `loaded`: the engine's KV pool and default chain must not depend on which
+        # model of the base happened to be asked for first.
+        root = self._load_chain(self.zoo.resolve(None, key)) if loaded.ref.base is not None else loaded
+        cuts = kv_cuts(self.zoo, key, self.settings.max_kv_segments)
+        with self._lock:
+            engine = self._engines.get(key)
             if engine is None:
-                config = loaded.chain.config
-                cuts = kv_cuts(self.zoo, loaded.engine_key, self.settings.max_kv_segments)
-                segments = KVSegments.cut_at(config.num_layers, cuts)
-                log.info("starting engine", extra={"base": loaded.engine_key, "kv_segments": segments.bounds})
+                segments = KVSegments.cut_at(root.chain.config.num_layers, cuts)
+                log.info("starting engine", extra={"base": key, "kv_segments": segments.bounds})
                 engine = AsyncLLMEngine(
-                    LLMEngine(loaded.chain, loaded.tokenizer, self.settings, kv_segments=segments)
+                    LLMEngine(root.chain, root.tokenizer, self.settings, kv_segments=segments)
                 )
                 engine.start()
-                self._engines[loaded.engine_key] = engine
+                self._engines[key] = engine
             return engine
 
-    async def generate(
-        self,
-        loaded: LoadedModel,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
-        tenant: str,
-    ) -> AsyncIterator[RequestOutput]:
-        engine = self.engine_for(loaded)
-        async for out in engine.generate(
-            prompt,
-            params,
-            request_id,
-            chain=loaded.chain,
-            tokenizer=loaded.tokenizer,
-            tenant=tenant,
-            model=loaded.ref.name,
-        ):
-            yield out
+    def cache_salt(self, loaded: LoadedModel, tenant: str) -> str | None:
+        """Who may share this request's prefix-cache pages, per the `prefix_cache_sharing` setting."""
+        return prefix_cache_salt(self.settings.prefix_cache_sharing, tenant, loaded.ref.tenant is None)
 
     def max_model_len(self, loaded: LoadedModel) -> int:
-        return self.settings.max_model_len or loaded.chain.config.max_position_embeddings
+        """The model's own context limit (its config), capped by the server's `max_model_len`."""
+        return context_limit(loaded.chain.config.max_position_embeddings, self.settings.max_model_len)
 
     def stats(self) -> EngineStats:
         """Engine figures summed over every base's engine, for /metrics."""

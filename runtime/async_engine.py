@@ -136,6 +136,7 @@ class AsyncLLMEngine:
         tokenizer: PreTrainedTokenizerBase | None = None,
         tenant: str = "",
         model: str = "",
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Queue a request and return its stream; bad requests raise here, before any output."""
         stream = _Stream(asyncio.get_running_loop())
@@ -152,6 +153,7 @@ class AsyncLLMEngine:
                     tokenizer=tokenizer,
                     tenant=tenant,
                     model=model,
+                    cache_salt=cache_salt,
                 )
             except BaseException:
                 self._streams.pop(request_id, None)

@@ -24,7 +24,7 @@ from runtime.request import Request, RequestStatus
 from runtime.sampler import Sampler
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
-from runtime.scheduler_config import SchedulerConfig
+from runtime.scheduler_config import SchedulerConfig, context_limit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -62,7 +62,6 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         config = chain.config
-        self.max_model_len = settings.max_model_len or config.max_position_embeddings
         num_pages = settings.resolved_num_kv_pages(bytes_per_page(config, settings.page_size, chain.dtype))
         self.kv_segments = kv_segments or KVSegments.whole(config.num_layers)
         if self.kv_segments.bounds[-1] != config.num_layers:
@@ -74,7 +73,8 @@ class LLMEngine:
             SchedulerConfig(
                 max_num_seqs=settings.max_num_seqs,
                 max_num_batched_tokens=settings.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
+                # Only the server's cap here: each request carries its own model's limit.
+                max_model_len=settings.max_model_len,
                 page_size=settings.page_size,
                 policy=settings.scheduler_policy,
                 enable_prefix_caching=settings.enable_prefix_caching,
@@ -107,6 +107,12 @@ class LLMEngine:
             return list((tokenizer or self.tokenizer).encode(prompt))
         return list(prompt)
 
+    def max_model_len(self, chain: Chain | None = None) -> int:
+        """The context limit of requests on `chain` (default the engine's own): its own, capped."""
+        return context_limit(
+            (chain or self.chain).config.max_position_embeddings, self.settings.max_model_len
+        )
+
     def check_compatible(self, chain: Chain) -> None:
         """Chains share this engine's KV pool only if their KV shapes and dtype agree with its own."""
         a, b = self.chain.config, chain.config
@@ -125,8 +131,13 @@ class LLMEngine:
         tokenizer: PreTrainedTokenizerBase | None = None,
         tenant: str = "",
         model: str = "",
+        cache_salt: str | None = None,
     ) -> str:
-        """Queue a request (on `chain`, default the engine's own); raises RequestError if it can never fit."""
+        """Queue a request (on `chain`, default the engine's own); raises RequestError if it can never fit.
+
+        `cache_salt` limits prefix-cache sharing to requests with the same salt (the server passes
+        one per tenant); None shares with every request whose chain agrees.
+        """
         if chain is not None:
             self.check_compatible(chain)
         run_chain = chain or self.chain
@@ -151,6 +162,8 @@ class LLMEngine:
             tenant=tenant,
             model=model,
             chain=chain,
+            max_model_len=self.max_model_len(run_chain),
+            cache_salt=b"" if cache_salt is None else cache_salt.encode("utf-8"),
         )
         if self.kv_segments.num_segments > 1:
             request.segment_salts = self.kv_segments.salts(run_chain)

@@ -187,6 +187,7 @@ class KVCacheManager:
             parent=digests[index - 1] if index else None,
             token_ids=tuple(request.tokens_slice(start, start + self.page_size)),
             salt=request.chain_digest,
+            cache_salt=request.cache_salt,
         )
 
     def _page_digests(self, request: Request, num_pages: int) -> list[bytes]:

@@ -63,12 +63,13 @@ class KVSegments(NamedTuple):
 class _SegmentView:
     """One request as one segment's `KVCacheManager` sees it: its page table and salt there."""
 
-    __slots__ = ("chain_digest", "page_table", "request")
+    __slots__ = ("cache_salt", "chain_digest", "page_table", "request")
 
     def __init__(self, request: Request, page_table: list[int], salt: bytes) -> None:
         self.request = request
         self.page_table = page_table
         self.chain_digest = salt
+        self.cache_salt = request.cache_salt
 
     @property
     def request_id(self) -> str:

@@ -14,12 +14,15 @@ class PageKey(NamedTuple):
 
     `parent` is the digest of the previous page of the sequence (None for the first page), so a
     page's identity covers the whole token prefix. `salt` is the request's chain digest: pages of
-    different model chains must never be shared.
+    different model chains must never be shared. `cache_salt` says who may share the page at all
+    (the server sets it per tenant by default): a hit shows in a request's latency, so a page
+    shared across tenants would let one time another's prompts (vLLM's `cache_salt`).
     """
 
     parent: bytes | None
     token_ids: tuple[int, ...]
     salt: bytes
+    cache_salt: bytes = b""
 
 
 PageHashFn = Callable[[PageKey], bytes]
@@ -33,6 +36,7 @@ def hash_page_key(key: PageKey) -> bytes:
     else:
         h.update(b"\x01" + struct.pack("<Q", len(key.parent)) + key.parent)
     h.update(struct.pack("<Q", len(key.salt)) + key.salt)
+    h.update(struct.pack("<Q", len(key.cache_salt)) + key.cache_salt)
     n = len(key.token_ids)
     h.update(struct.pack(f"<Q{n}q", n, *key.token_ids))
     return h.digest()

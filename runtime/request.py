@@ -37,7 +37,7 @@ class Request:
     hands out new tokens starting there (prompt chunks or one decode token), so prefill and
     decode are not separate phases. `page_table` lists the KV pages holding those tokens.
     `chain_digest` salts the prefix-cache hashes so only requests whose model chains agree share
-    pages.
+    pages, and `cache_salt` further limits sharing to requests with the same salt.
     """
 
     def __init__(
@@ -51,6 +51,8 @@ class Request:
         tenant: str = "",
         model: str = "",
         chain: Chain | None = None,
+        max_model_len: int | None = None,
+        cache_salt: bytes = b"",
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -65,6 +67,11 @@ class Request:
         self.model = model
         # The model this request runs; None means the engine's default chain.
         self.chain = chain
+        # Its model's own context limit (prompt plus output); None: only the scheduler's cap applies.
+        self.max_model_len = max_model_len
+        # Who may share this request's prefix-cache pages (e.g. its tenant); b"" shares with everyone
+        # whose chain agrees. It goes into every page key next to the chain digest.
+        self.cache_salt = cache_salt
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         # Prompt tokens served from the prefix cache at the last admission (OpenAI cached_tokens).

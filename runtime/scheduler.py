@@ -93,19 +93,20 @@ class Scheduler:
         self._waiting.append(request)
 
     def _check_fits(self, request: Request) -> None:
+        # No request id in these messages: they reach the client, and the id is the server's.
         prompt_len = request.num_prompt_tokens
         max_tokens = request.params.max_tokens
-        if prompt_len + max_tokens > self.config.max_model_len:
+        limits = [n for n in (request.max_model_len, self.config.max_model_len) if n is not None]
+        limit = min(limits, default=None)
+        if limit is not None and prompt_len + max_tokens > limit:
             raise PromptTooLongError(
-                f"request {request.request_id!r}: prompt of {prompt_len} tokens plus max_tokens"
-                f" {max_tokens} = {prompt_len + max_tokens} exceeds max_model_len"
-                f" {self.config.max_model_len}"
+                f"prompt of {prompt_len} tokens plus max_tokens {max_tokens} = {prompt_len + max_tokens}"
+                f" exceeds max_model_len {limit}"
             )
         if prompt_len > self.kv.capacity_tokens:
             raise PromptTooLongError(
-                f"request {request.request_id!r}: prompt of {prompt_len} tokens cannot fit the KV cache"
-                f" of {self.kv.capacity_tokens} tokens ({self.kv.num_total_pages} pages of"
-                f" {self.kv.page_size})"
+                f"prompt of {prompt_len} tokens cannot fit the KV cache of {self.kv.capacity_tokens} tokens"
+                f" ({self.kv.num_total_pages} pages of {self.kv.page_size})"
             )
 
     def waiting_head(self, n: int) -> Iterator[Request]:

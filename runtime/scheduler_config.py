@@ -23,7 +23,8 @@ class SchedulerConfig(BaseModel):
 
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int = Field(default=2048, gt=0)
-    max_model_len: int = Field(default=4096, gt=0)
+    # A cap over every request (the server setting); each request also carries its own model's limit.
+    max_model_len: int | None = Field(default=None, gt=0)
     page_size: int = Field(default=16, gt=0)
     policy: SchedulingPolicyName = "splitfuse"
     enable_prefix_caching: bool = True
@@ -36,3 +37,8 @@ class SchedulerConfig(BaseModel):
                 f" ({self.max_num_seqs}), or some running requests could not decode in a step"
             )
         return self
+
+
+def context_limit(max_position_embeddings: int, cap: int | None) -> int:
+    """A model's longest prompt plus output: its own config's limit, capped by the server's setting."""
+    return max_position_embeddings if cap is None else min(max_position_embeddings, cap)
