@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=64, gt=0, description="Most requests running in one step.")
     max_num_batched_tokens: int = Field(default=512, gt=0, description="Token budget of one forward pass.")
     max_model_len: int | None = Field(
-        default=None, gt=0, description="Longest prompt plus output; None means the model's own limit."
+        default=None,
+        gt=0,
+        description="Cap on prompt plus output for every model; each model's own limit (its config's"
+        " max_position_embeddings) applies below it. None: only the model's own limit.",
     )
     scheduler_policy: Literal["splitfuse", "prefill_first"] = Field(
         default="splitfuse",
@@ -55,6 +58,12 @@ class Settings(BaseSettings):
         "prefill_first: whole prompts before decodes.",
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV pages of shared prompt prefixes.")
+    prefix_cache_sharing: Literal["tenant", "public_bases", "global"] = Field(
+        default="tenant",
+        description="Who shares prefix-cache KV pages (a hit is visible in latency): 'tenant' only within one"
+        " tenant (its models still share the lower layers' KV); 'public_bases' also requests on shared base"
+        " models across tenants; 'global' every request whose model chain agrees.",
+    )
     weights_memory: int | None = Field(
         default=None, gt=0, description="Bytes of resident block weights; None means no limit."
     )
