@@ -152,6 +152,24 @@ class Metrics:
             buckets=token_buckets,
             registry=r,
         )
+        self.kv_pages_free = Gauge(
+            PREFIX + "kv_pages_free",
+            "KV-cache pages no request holds (evictable prefix-cache pages count as free).",
+            ENGINE,
+            registry=r,
+        )
+        self.kv_pages_total = Gauge(PREFIX + "kv_pages_total", "KV-cache pages in all.", ENGINE, registry=r)
+        self.quota_leases_held = Gauge(
+            PREFIX + "quota_leases_held",
+            "Quota leases (concurrency slots) this process holds: requests admitted and not yet released.",
+            registry=r,
+        )
+        self.quota_fallback = Counter(
+            PREFIX + "quota_fallback",
+            "Requests whose quota was decided without Redis because it did not answer"
+            " (admitted by in-process limits, or refused with 503 under the 'closed' policy).",
+            registry=r,
+        )
         # The engine reports running totals; counters advance by the difference from the last report.
         self._lock = threading.Lock()
         self._last_totals: dict[tuple[str, str], float] = {}
@@ -212,6 +230,21 @@ class Metrics:
             self._advance(self.block_hits, engine, "block_hits", hits_total)
             self._advance(self.block_misses, engine, "block_misses", misses_total)
             self._advance(self.block_load_seconds, engine, "block_load_seconds", load_seconds_total)
+
+    def set_kv_pages(self, free: int, total: int, engine: str = "0") -> None:
+        """The engine's KV page pool: pages free (cached-but-evictable included) and in all."""
+        self.kv_pages_free.labels(engine).set(free)
+        self.kv_pages_total.labels(engine).set(total)
+
+    def set_quota_stats(self, leases_held: int, fallbacks_total: int) -> None:
+        """Quota leases held now, and the running total of requests decided without Redis."""
+        self.quota_leases_held.set(leases_held)
+        with self._lock:
+            last = self._last_totals.get(("", "quota_fallback"), 0.0)
+            step = fallbacks_total - last if fallbacks_total >= last else fallbacks_total
+            if step > 0:
+                self.quota_fallback.inc(step)
+            self._last_totals[("", "quota_fallback")] = fallbacks_total
 
     def _advance(self, counter: Counter, engine: str, name: str, total: float) -> None:
         last = self._last_totals.get((engine, name), 0.0)

@@ -72,6 +72,8 @@ class QuotaState:
     tokens_reset_s: float
     retry_after_s: float
     reason: Reason | None
+    # The store's tag for the life of the concurrency counter this grant was counted in (Redis only).
+    epoch: str | None = None
 
 
 def format_reset(seconds: float) -> str:
@@ -188,6 +190,10 @@ class QuotaService(Protocol):
         """A lease for one request, or APIError 429 (`rate_limit_exceeded`) with rate-limit headers."""
         ...
 
+    def held_leases(self) -> int:
+        """Leases granted and not yet released (unlimited tenants' leases hold nothing)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -198,6 +204,10 @@ class BucketQuotas(ABC):
         if not window_seconds > 0:
             raise ValueError(f"window_seconds must be positive, got {window_seconds}")
         self.window_seconds = float(window_seconds)
+        self._held = 0
+
+    def held_leases(self) -> int:
+        return self._held
 
     async def acquire(self, principal: Principal, estimated_tokens: int) -> QuotaLease:
         if estimated_tokens < 0:
@@ -211,10 +221,12 @@ class BucketQuotas(ABC):
         state = await self._take(principal.tenant_id, limits, estimated_tokens)
         if not state.allowed:
             raise _refusal(limits, state, principal.tenant, estimated_tokens)
-        tenant_id = principal.tenant_id
+        tenant_id, epoch = principal.tenant_id, state.epoch
+        self._held += 1
 
         async def release(refund: int) -> None:
-            await self._give_back(tenant_id, limits, refund)
+            self._held -= 1
+            await self._give_back(tenant_id, limits, refund, epoch)
 
         return QuotaLease(rate_limit_headers(limits, state), estimated_tokens, release)
 
@@ -224,8 +236,9 @@ class BucketQuotas(ABC):
         one in-flight slot."""
 
     @abstractmethod
-    async def _give_back(self, tenant_id: int, limits: Limits, refund: int) -> None:
-        """Free one in-flight slot and add `refund` tokens (negative: debt) to the tokens bucket."""
+    async def _give_back(self, tenant_id: int, limits: Limits, refund: int, epoch: str | None) -> None:
+        """Free one in-flight slot (counted in `epoch`, the grant's) and add `refund` tokens (negative:
+        debt) to the tokens bucket."""
 
     async def close(self) -> None:
         return None
@@ -303,7 +316,7 @@ class InProcessQuotas(BucketQuotas):
                 reason,
             )
 
-    async def _give_back(self, tenant_id: int, limits: Limits, refund: int) -> None:
+    async def _give_back(self, tenant_id: int, limits: Limits, refund: int, epoch: str | None) -> None:
         with self._lock:
             in_flight = self._in_flight.get(tenant_id, 0) - 1
             if in_flight > 0:
@@ -320,12 +333,19 @@ class InProcessQuotas(BucketQuotas):
 
 
 def build_quotas(settings: Settings, window_seconds: float = DEFAULT_WINDOW_SECONDS) -> QuotaService:
-    """Redis quotas when `settings.redis_url` is set (several API processes share them), else in-process."""
+    """Redis quotas when `settings.redis_url` is set (several API processes share them), behind the
+    `quota_redis_failure` policy for when Redis is unreachable; else in-process."""
     if settings.redis_url:
-        # Imported here: quota_redis builds on this module.
+        # Imported here: both build on this module.
+        from router.quota_fallback import FallbackQuotas
         from router.quota_redis import RedisQuotas
 
-        return RedisQuotas(settings.redis_url, window_seconds=window_seconds)
+        return FallbackQuotas(
+            RedisQuotas(settings.redis_url, window_seconds=window_seconds),
+            InProcessQuotas(window_seconds=window_seconds),
+            settings.quota_redis_failure,
+            settings.quota_redis_retry_s,
+        )
     return InProcessQuotas(window_seconds=window_seconds)
 
 

@@ -1,9 +1,10 @@
 """Probes and metrics, without authentication: GET /health, GET /ready, GET /metrics.
 
-/health answers whenever the process serves (liveness). /ready also needs the catalog to answer
-`SELECT 1` and the optional `app.state.ready_check()` (e.g. "the engine has started") to say yes;
-otherwise 503 in the OpenAI error shape, so a load balancer stops sending traffic. /metrics first calls
-the optional `app.state.refresh_metrics()` so engine gauges are current when scraped.
+/health answers whenever the process serves (liveness); its status is "draining" once a SIGTERM
+started a drain. /ready also needs the catalog to answer `SELECT 1`, no drain in progress, and the
+optional `app.state.ready_check()` (e.g. "the engine has started") to say yes; otherwise 503 in the
+OpenAI error shape, so a load balancer stops sending traffic. /metrics first calls the optional
+`app.state.refresh_metrics()` so engine gauges are current when scraped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import text
 
+from router.drain import Drain
 from router.errors import APIError
 from router.metrics import Metrics
 from router.services import Services
@@ -35,9 +37,15 @@ def _ping_catalog(services: Services) -> None:
         session.execute(text("SELECT 1"))
 
 
+def _draining(request: Request) -> bool:
+    drain: Drain | None = getattr(request.app.state, "drain", None)
+    return drain is not None and drain.draining
+
+
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> dict[str, str]:
+    # Still alive while draining (a liveness probe must not kill a draining server), but says so.
+    return {"status": "draining" if _draining(request) else "ok"}
 
 
 @router.get("/ready")
@@ -46,6 +54,8 @@ async def ready(request: Request) -> dict[str, str]:
     services: Services | None = getattr(state, "services", None)
     if services is None:
         raise _not_ready("services not initialised")
+    if _draining(request):
+        raise _not_ready("draining for shutdown")
     try:
         # A hung database must not hang the probe: abandon the thread after the timeout.
         with anyio.fail_after(READY_TIMEOUT_S):

@@ -10,6 +10,7 @@ from blockzoo.settings import Settings
 from blockzoo.zoo_factory import open_zoo
 from router.admin_key import resolve_admin_key
 from router.app import create_app
+from router.drain import Drain, DrainMiddleware
 from router.inference import InferenceService
 from router.jobs import build_jobs
 from router.metrics import Metrics
@@ -38,6 +39,7 @@ def build_server(settings: Settings) -> BuiltServer:
     jobs = build_jobs(settings, zoo)
     quotas = build_quotas(settings)
     metrics = Metrics()
+    drain = Drain()
 
     def refresh_metrics() -> None:
         stats = inference.stats()
@@ -53,6 +55,8 @@ def build_server(settings: Settings) -> BuiltServer:
         )
         residency = inference.residency.stats
         metrics.set_residency_stats(residency.hits, residency.misses, residency.load_seconds)
+        metrics.set_kv_pages(stats.num_free_pages, stats.num_total_pages)
+        metrics.set_quota_stats(quotas.held_leases(), getattr(quotas, "fallbacks", 0))
 
     usage = UsageBuffer(UsageRecorder(zoo), settings.usage_flush_interval_s)
     usage.start()
@@ -73,8 +77,11 @@ def build_server(settings: Settings) -> BuiltServer:
             "usage": usage,
             "jobs": jobs,
             "refresh_metrics": refresh_metrics,
+            "drain": drain,
         },
         on_shutdown=[jobs.shutdown, usage.close],
         async_on_shutdown=[quotas.close],
     )
+    # Outermost, so that a drain refuses new requests before any other work is done for them.
+    app.add_middleware(DrainMiddleware, drain=drain)
     return BuiltServer(app, new_key, inference)

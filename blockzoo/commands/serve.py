@@ -13,6 +13,7 @@ import uvicorn
 from blockzoo.demo_zoo import ADAPTERS, ensure_demo_zoo
 from blockzoo.logging_setup import configure_logging
 from blockzoo.settings import Settings
+from router.drain import DrainingServer
 from router.server import build_server
 
 
@@ -97,5 +98,10 @@ def run(args: argparse.Namespace) -> int:
         print("  " + curl_example(host, port, keys[tenant], model))
         print(f"Demo tenant keys are in {settings.data_dir / 'demo_keys.json'}")
     configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(built.app, host=host, port=port, log_level=settings.log_level.lower(), log_config=None)
-    return 0
+    config = uvicorn.Config(
+        built.app, host=host, port=port, log_level=settings.log_level.lower(), log_config=None
+    )
+    server = DrainingServer(config, built.app.state.drain, settings.drain_timeout_s)
+    server.run()
+    # uvicorn.run's rule: a server that never started (port taken, startup failed) is a failure.
+    return 0 if server.started else 3

@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import anyio
@@ -19,7 +20,8 @@ from fastapi import Depends, FastAPI
 from blockzoo.settings import Settings
 from router.errors import APIError, install_error_handlers
 from router.principal import Principal
-from router.quota_redis import RedisQuotas
+from router.quota_fallback import FallbackQuotas
+from router.quota_redis import QuotaStoreUnavailable, RedisQuotas
 from router.quotas import (
     BucketQuotas,
     InProcessQuotas,
@@ -29,6 +31,8 @@ from router.quotas import (
     format_reset,
     get_quotas,
 )
+from tests.router.live_server import free_port
+from tests.router.redis_process import RedisProcess
 
 # Redis tests run in real time, so windows are seconds rather than a minute.
 WINDOW_S = 1.0
@@ -297,7 +301,7 @@ async def test_redis_keys_are_namespaced_and_expire(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         lease = await quotas.acquire(principal(rpm=5, tpm=1000, concurrent=3, tenant_id=7), 100)
-        names = {"bz:q:{7}:rpm", "bz:q:{7}:tpm", "bz:q:{7}:conc"}
+        names = {"bz:q:{7}:rpm", "bz:q:{7}:tpm", "bz:q:{7}:conc", "bz:q:{7}:epoch"}
         assert set(client.keys("*")) == names
         assert client.get("bz:q:{7}:conc") == "1"
         for name in names:
@@ -314,20 +318,89 @@ async def test_redis_keys_are_namespaced_and_expire(redis_url: str) -> None:
         await quotas.close()
 
 
-async def test_redis_down_is_a_503() -> None:
+async def test_redis_down_is_unavailable_and_closed_policy_is_a_503() -> None:
     port_with_nothing = "redis://127.0.0.1:1/0"
     quotas = RedisQuotas(port_with_nothing)
     try:
-        with pytest.raises(APIError) as caught:
+        with pytest.raises(QuotaStoreUnavailable):
             await quotas.acquire(principal(rpm=1), 1)
-        assert caught.value.status == 503
     finally:
         await quotas.close()
+    closed = build_quotas(Settings(redis_url=port_with_nothing, quota_redis_failure="closed"))
+    try:
+        with pytest.raises(APIError) as caught:
+            await closed.acquire(principal(rpm=1), 1)
+        assert caught.value.status == 503 and caught.value.headers["retry-after"]
+        # Unlimited tenants need no store, so they are never refused for its absence.
+        await (await closed.acquire(principal(), 1)).release()
+    finally:
+        await closed.close()
 
 
 def test_build_quotas_picks_the_store(redis_url: str) -> None:
     assert isinstance(build_quotas(Settings(redis_url=None)), InProcessQuotas)
-    assert isinstance(build_quotas(Settings(redis_url=redis_url)), RedisQuotas)
+    built = build_quotas(Settings(redis_url=redis_url))
+    assert isinstance(built, FallbackQuotas) and isinstance(built.primary, RedisQuotas)
+
+
+async def test_fallback_leases_go_back_to_the_store_that_granted_them(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, free_port())
+    server.start()
+    quotas = FallbackQuotas(
+        RedisQuotas(server.url, window_seconds=60.0), InProcessQuotas(60.0), "local", retry_s=0.2
+    )
+    who = principal(rpm=100, concurrent=2, tenant_id=3)
+    probe = server.client()
+    try:
+        in_redis = await quotas.acquire(who, 1)
+        assert probe.get("bz:q:{3}:conc") == "1"
+        server.stop()
+        # Redis is gone: the local buckets admit up to the same concurrency limit, and no further.
+        local = [await quotas.acquire(who, 1), await quotas.acquire(who, 1)]
+        with pytest.raises(APIError) as busy:
+            await quotas.acquire(who, 1)
+        assert busy.value.status == 429 and quotas.fallbacks == 3
+        for lease in local:
+            await lease.release(1)
+        assert quotas.local.held_leases() == 0
+        # The Redis lease's release cannot reach Redis: it stays held until it can.
+        await in_redis.release(1)
+        assert quotas.held_leases() == 1
+        server.start()
+        probe = server.client()
+        await asyncio.sleep(0.25)
+        # Redis restarted empty: the old lease is not in its counter, so replaying its release must
+        # not free the slot a new lease took there.
+        fresh = await quotas.acquire(who, 1)
+        assert quotas.held_leases() == 1 and probe.get("bz:q:{3}:conc") == "1"
+        await fresh.release(1)
+        assert quotas.held_leases() == 0 and not probe.exists("bz:q:{3}:conc")
+    finally:
+        probe.close()
+        await quotas.close()
+        server.stop()
+
+
+async def test_a_release_lost_in_a_short_outage_is_sent_when_redis_answers(redis_url: str) -> None:
+    quotas = RedisQuotas(redis_url, window_seconds=60.0)
+    who = principal(rpm=100, concurrent=5, tenant_id=4)
+    probe = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        held = await quotas.acquire(who, 1)
+        # The same Redis, unreachable for one call: the script the release runs is not there.
+        real = quotas._release
+        quotas._release = quotas._redis.register_script("return redis.error_reply('ERR outage')")
+        await held.release(1)
+        quotas._release = real
+        assert probe.get("bz:q:{4}:conc") == "1" and quotas.held_leases() == 1
+        # The next call that reaches Redis sends it: the counter holds only the new lease.
+        other = await quotas.acquire(who, 1)
+        assert probe.get("bz:q:{4}:conc") == "1" and quotas.held_leases() == 1
+        await other.release(1)
+        assert not probe.exists("bz:q:{4}:conc") and quotas.held_leases() == 0
+    finally:
+        probe.close()
+        await quotas.close()
 
 
 async def test_429_over_http_has_openai_shape_and_headers(harness: Harness) -> None:
