@@ -8,6 +8,7 @@ The zoo guarantees that a failed registration stores nothing, so a failed job le
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -28,7 +29,7 @@ from zoo.catalog.models import AuditLog, Model, RegistrationJob
 from zoo.catalog.tenants import TenantError
 from zoo.catalog.types import JobStatus
 from zoo.registry import Progress, Zoo
-from zoo.reports import RegistrationReport
+from zoo.reports import RegistrationReport, tenant_view
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,13 @@ def write_audit(
         )
 
 
-def job_out(row: RegistrationJob) -> JobOut:
+def job_out(row: RegistrationJob, admin: bool = False) -> JobOut:
+    """The job as its owner sees it; with `admin`, the report keeps the zoo-wide dedup figures."""
     detail = row.detail_json or {}
     running = row.status in ACTIVE
+    report = None
+    if row.status == JobStatus.SUCCEEDED:
+        report = detail if admin else tenant_view(detail)
     return JobOut(
         id=row.id,
         status=row.status.value,
@@ -84,18 +89,29 @@ def job_out(row: RegistrationJob) -> JobOut:
         stage=str(detail.get("stage")) if running and detail.get("stage") else None,
         model=row.model_name,
         error=row.error,
-        report=detail if row.status == JobStatus.SUCCEEDED else None,
+        report=report,
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
 
 
+# An absolute path: one or more "/name" steps not preceded by a word character.
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:/[^\s'\"`:,;()\[\]{}/]+)+/?")
+
+
+def redact_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last component: errors of the zoo and the
+    runtime name the files they read, and those live in server folders the tenant must not learn."""
+    return _ABS_PATH.sub(lambda m: m.group().rstrip("/").rsplit("/", 1)[-1] or "<path>", message)
+
+
 def failure_message(exc: BaseException) -> str:
-    """What a failed job tells its owner: the domain error's own words, never a traceback."""
+    """What a failed job tells its owner: the domain error's own words, without server paths, never a
+    traceback."""
     if isinstance(exc, BlockZooError | TenantError):
-        return str(exc) or type(exc).__name__
+        return redact_paths(str(exc)) or type(exc).__name__
     if isinstance(exc, OSError):
-        return f"could not read or write the model files: {exc.strerror or exc}"
+        return f"could not read or write the model files: {exc.strerror or 'I/O error'}"
     return f"internal error during registration ({type(exc).__name__}); see the server log"
 
 
@@ -183,7 +199,7 @@ class JobRunner:
             row = session.get(RegistrationJob, job_id)
             if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
                 return None
-            return job_out(row)
+            return job_out(row, admin=tenant_id is None)
 
     def list(self, tenant_id: int | None, limit: int = 50) -> list[JobOut]:
         """Recent jobs of `tenant_id` (None: of everyone), newest first."""
@@ -191,7 +207,7 @@ class JobRunner:
         if tenant_id is not None:
             query = query.where(RegistrationJob.tenant_id == tenant_id)
         with self.zoo.sessions() as session:
-            return [job_out(row) for row in session.scalars(query)]
+            return [job_out(row, admin=tenant_id is None) for row in session.scalars(query)]
 
     def wait(self, job_id: int, timeout: float | None = None) -> None:
         """Block until the job has ended (if this runner runs it); for tests and the CLI."""

@@ -21,10 +21,12 @@ from router.errors import APIError
 from router.jobs import ACTIVE, JobOwner, JobsDep, write_audit
 from router.routes_models import model_rows
 from router.schemas import (
+    ADMIN_JOB_LINKS,
     AuditOut,
     BaseModelOut,
     Deleted,
     GcOut,
+    JobId,
     JobOut,
     KeyCreate,
     KeyCreated,
@@ -156,7 +158,12 @@ def admin_router(allowed_paths: Sequence[Path]) -> APIRouter:
 
     # -- base models -----------------------------------------------------------------------------
 
-    @router.post("/base-models", status_code=202, response_model=JobOut)
+    @router.post(
+        "/base-models",
+        status_code=202,
+        response_model=JobOut,
+        openapi_extra={"responses": {"202": {"links": ADMIN_JOB_LINKS}}},
+    )
     def add_base_model(body: PathRegistration, _: AdminDep, services: ServicesDep, jobs: JobsDep) -> JobOut:
         zoo = services.zoo
         validate_model_name(body.name)
@@ -231,7 +238,7 @@ def admin_router(allowed_paths: Sequence[Path]) -> APIRouter:
         return ListOf[JobOut](data=jobs.list(None, limit))
 
     @router.get("/jobs/{job_id}", response_model=JobOut)
-    def get_job(job_id: int, _: AdminDep, jobs: JobsDep) -> JobOut:
+    def get_job(job_id: JobId, _: AdminDep, jobs: JobsDep) -> JobOut:
         job = jobs.get(job_id, None)
         if job is None:
             raise _not_found(f"job {job_id} not found")

@@ -19,13 +19,16 @@ from sqlalchemy.orm import Session
 from router.auth import ServicesDep, TenantDep
 from router.errors import APIError, from_domain
 from router.jobs import ACTIVE, JobOwner, JobRunner, JobsDep, Task, write_audit
+from router.path_import import copy_into_staging
 from router.principal import Principal
 from router.schemas import (
+    JOB_LINKS,
     ChainEntryOut,
     Dedup,
     Deleted,
     DeltaOut,
     FineTuneFromPath,
+    JobId,
     JobOut,
     ListOf,
     ModelDetail,
@@ -36,9 +39,9 @@ from runtime.errors import BlockZooError
 from zoo.catalog.models import BaseModel, Block, ChainEntryDelta, Delta, Model, RegistrationJob, Tenant
 from zoo.catalog.models import ChainEntry as ChainEntryRow
 from zoo.catalog.types import ModelKind
-from zoo.errors import NotFoundError
+from zoo.errors import DuplicateNameError, NotFoundError
 from zoo.finetune_plan import FineTuneOptions
-from zoo.names import validate_model_name
+from zoo.names import check_not_a_base_name, validate_model_name
 from zoo.registry import Progress, Zoo
 from zoo.reports import RegistrationReport
 
@@ -77,6 +80,10 @@ def check_quotas(session: Session, principal: Principal) -> None:
 
 
 def _check_name_free(session: Session, tenant_id: int, name: str) -> None:
+    try:
+        check_not_a_base_name(session, name)
+    except DuplicateNameError as exc:
+        raise APIError(409, str(exc), param="name", code="conflict") from exc
     if session.scalar(select(Model.id).where(Model.tenant_id == tenant_id, Model.name == name)) is not None:
         raise APIError(409, f"you already have a model named {name!r}", param="name", code="conflict")
     running = session.scalar(
@@ -150,7 +157,9 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
     router = APIRouter(prefix="/v1", tags=["fine-tunes"])
     roots = [Path(p) for p in allowed_paths]
 
-    @router.post("/fine-tunes", status_code=202, response_model=JobOut, openapi_extra=_UPLOAD_DOC)
+    @router.post(
+        "/fine-tunes", status_code=202, response_model=JobOut, openapi_extra={**_UPLOAD_DOC, **_JOB_LINKS}
+    )
     async def upload_fine_tune(
         request: Request, principal: TenantDep, services: ServicesDep, jobs: JobsDep
     ) -> JobOut:
@@ -175,22 +184,31 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
         jobs.start(job_id, task, staging, _owner(principal), "model.register")
         return await run_in_threadpool(_job_now, jobs, job_id, principal)
 
-    @router.post("/fine-tunes/from-path", status_code=202, response_model=JobOut)
+    @router.post("/fine-tunes/from-path", status_code=202, response_model=JobOut, openapi_extra=_JOB_LINKS)
     def register_from_path(
         body: FineTuneFromPath, principal: TenantDep, services: ServicesDep, jobs: JobsDep
     ) -> JobOut:
         zoo = services.zoo
+        incoming = jobs.incoming_dir()
         try:
             _quota_only(zoo, principal)
             validate_model_name(body.name)
             folder = resolve_allowed_dir(body.path, roots)
-            options = _options(check_model_folder(folder), body.substitute_within, body.compress_delta)
-            job_id = _accept(zoo, jobs, principal, body.name, "path")
+            # The job reads the checked copy, never the tenant's folder (which may change meanwhile).
+            copy_into_staging(folder, roots, incoming, limits)
+            try:
+                kind = check_model_folder(incoming)
+                options = _options(kind, body.substitute_within, body.compress_delta)
+                job_id = _accept(zoo, jobs, principal, body.name, "path")
+            except BaseException:
+                shutil.rmtree(incoming, ignore_errors=True)
+                raise
         except (APIError, BlockZooError) as exc:
             _audit_rejection(zoo, principal, exc)
             raise
-        task = _task(zoo, principal.tenant, body.name, folder, body.base, options)
-        jobs.start(job_id, task, None, _owner(principal), "model.register")
+        staging = jobs.adopt(job_id, incoming)
+        task = _task(zoo, principal.tenant, body.name, staging, body.base, options)
+        jobs.start(job_id, task, staging, _owner(principal), "model.register")
         return _job_now(jobs, job_id, principal)
 
     @router.get("/jobs", response_model=ListOf[JobOut])
@@ -200,7 +218,7 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
         return ListOf[JobOut](data=jobs.list(principal.tenant_id, limit))
 
     @router.get("/jobs/{job_id}", response_model=JobOut)
-    def get_job(job_id: int, principal: TenantDep, jobs: JobsDep) -> JobOut:
+    def get_job(job_id: JobId, principal: TenantDep, jobs: JobsDep) -> JobOut:
         job = jobs.get(job_id, principal.tenant_id)
         if job is None:
             raise APIError(404, f"job {job_id} not found", code="not_found")
@@ -273,7 +291,7 @@ def _summary(model: Model, tenant: str | None, base: str | None) -> ModelOut:
         base=None if model.kind == ModelKind.BASE else base,
         created_at=model.created_at,
         naive_bytes=model.naive_bytes,
-        stored_bytes_new=model.stored_bytes_new,
+        bytes_beyond_base=model.stored_bytes_new,
     )
 
 
@@ -325,9 +343,11 @@ def model_detail(session: Session, model: Model, tenant: str | None) -> ModelDet
         for position, block in entries
     ]
     blocks_shared = sum(1 for e in chain if e.shared_with_base)
+    shared_bytes = sum(e.bytes for e in chain if e.shared_with_base)
     dedup = Dedup(
         naive_bytes=model.naive_bytes,
-        stored_bytes_new=model.stored_bytes_new,
+        bytes_shared_with_base=shared_bytes,
+        bytes_beyond_base=model.naive_bytes - shared_bytes,
         blocks_total=len(chain),
         blocks_shared=blocks_shared,
         blocks_new=len(chain) - blocks_shared,
@@ -337,6 +357,7 @@ def model_detail(session: Session, model: Model, tenant: str | None) -> ModelDet
     return ModelDetail(**summary.model_dump(), chain=chain, dedup=dedup)
 
 
+_JOB_LINKS: dict[str, object] = {"responses": {"202": {"links": JOB_LINKS}}}
 _UPLOAD_DOC: dict[str, object] = {
     "requestBody": {
         "required": True,

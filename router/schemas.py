@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
@@ -15,14 +16,33 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Integer columns are 32-bit on PostgreSQL; ids and counts beyond them are refused as input (a 422),
+# not passed on to the database (a 500).
+MAX_INT32 = 2**31 - 1
+# Byte counts stay exact in JSON clients (doubles) up to 2^53.
+MAX_BYTES = 2**53
+
+JobId = Annotated[int, Path(ge=1, le=MAX_INT32, description="a registration job's id")]
+# POST /v1/fine-tunes, /v1/fine-tunes/from-path and /admin/v1/base-models answer a job: follow it.
+JOB_LINKS = {
+    "GetJob": {"operationId": "get_job_v1_jobs__job_id__get", "parameters": {"job_id": "$response.body#/id"}}
+}
+ADMIN_JOB_LINKS = {
+    "GetJob": {
+        "operationId": "get_job_admin_v1_jobs__job_id__get",
+        "parameters": {"job_id": "$response.body#/id"},
+    }
+}
+
+
 class Quotas(_Body):
     """Per-tenant limits; null means unlimited."""
 
-    requests_per_minute: int | None = Field(default=None, ge=0)
-    tokens_per_minute: int | None = Field(default=None, ge=0)
-    max_concurrent: int | None = Field(default=None, ge=0)
-    max_models: int | None = Field(default=None, ge=0)
-    max_storage_bytes: int | None = Field(default=None, ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=0, le=MAX_INT32)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=MAX_INT32)
+    max_concurrent: int | None = Field(default=None, ge=0, le=MAX_INT32)
+    max_models: int | None = Field(default=None, ge=0, le=MAX_INT32)
+    max_storage_bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
 
 
 class TenantCreate(Quotas):
@@ -151,14 +171,20 @@ class ModelOut(BaseModel):
     base: str | None
     created_at: datetime
     naive_bytes: int
-    stored_bytes_new: int
+    bytes_beyond_base: int = Field(
+        description="bytes of the blocks and deltas the model references that its base does not: what "
+        "counts against max_storage_bytes, whatever else the zoo holds"
+    )
 
 
 class Dedup(BaseModel):
-    """How much of a model is stored once for everyone: blocks the base already has are not stored again."""
+    """The model against its public base: blocks the base has are shared, the rest is the model's own.
+
+    Nothing here depends on other tenants' models (zoo-wide figures are for admins: /admin/v1/stats)."""
 
     naive_bytes: int
-    stored_bytes_new: int
+    bytes_shared_with_base: int
+    bytes_beyond_base: int
     blocks_total: int
     blocks_shared: int
     blocks_new: int

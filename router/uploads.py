@@ -9,7 +9,6 @@ rejection removes what was written so far.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 import shutil
@@ -23,11 +22,14 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from router.errors import APIError
+from zoo.bounded_json import JsonLimitError, read_json_object, read_safetensors_header
+from zoo.peft_adapter import AdapterConfigError, check_lora_numbers
 
 ALLOWED_EXTENSIONS = (".json", ".safetensors", ".model", ".txt", ".jinja")
 FILE_FIELDS = ("files", "files[]")
 MAX_FIELD_BYTES = 64 * 1024
 FLUSH_BYTES = 1 << 20
+MAX_NAME_BYTES = 255
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 
 
@@ -240,7 +242,6 @@ async def receive_upload(request: Request, dest: Path, limits: UploadLimits) -> 
 
 # -- checks of a model folder, cheap enough to answer 400 before a job starts -------------------------
 
-MAX_HEADER_BYTES = 100 << 20
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
@@ -249,28 +250,17 @@ _DTYPE_BYTES = {
 
 def _json_object(path: Path) -> dict[str, object]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_upload(f"{path.name} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise bad_upload(f"{path.name} must hold a JSON object")
-    return value
+        return read_json_object(path)
+    except JsonLimitError as exc:
+        raise bad_upload(str(exc)) from exc
 
 
 def check_safetensors(path: Path) -> None:
     """Parse the header of `path` and check that its tensors exactly fill the file (a 400 otherwise)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
-            raise bad_upload(f"{path.name} is not a complete safetensors file (truncated or corrupt header)")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad_upload(f"{path.name}: the safetensors header is not valid JSON") from exc
-    if not isinstance(header, dict):
-        raise bad_upload(f"{path.name}: the safetensors header is not a JSON object")
+    try:
+        header, length, size = read_safetensors_header(path)
+    except JsonLimitError as exc:
+        raise bad_upload(str(exc)) from exc
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -306,7 +296,10 @@ def check_model_folder(folder: Path) -> str:
     weights = sorted(n for n in names if n.endswith(".safetensors"))
     if "adapter_config.json" in names:
         kind = "lora"
-        _json_object(folder / "adapter_config.json")
+        try:
+            check_lora_numbers(_json_object(folder / "adapter_config.json"))
+        except AdapterConfigError as exc:
+            raise bad_upload(str(exc), exc.field) from exc
         if "adapter_model.safetensors" not in names:
             raise bad_upload("an adapter needs adapter_model.safetensors next to adapter_config.json")
     elif "config.json" in names:
@@ -320,7 +313,7 @@ def check_model_folder(folder: Path) -> str:
             "or config.json + *.safetensors (a full checkpoint)"
         )
     for name in sorted(names):
-        if name.endswith(".index.json"):
+        if name.endswith(".json"):
             _json_object(folder / name)
     for name in weights:
         check_safetensors(folder / name)
@@ -333,21 +326,30 @@ def resolve_allowed_dir(path: str, roots: Sequence[Path]) -> Path:
         raise bad_upload(
             "registration from server paths is disabled: no allowed roots are configured", "path"
         )
+    # What the OS would refuse with an exception (a 500) is refused here first.
+    if "\x00" in path:
+        raise bad_upload("path must not contain NUL bytes", "path")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in path.split("/")):
+        raise bad_upload(f"path has a component longer than {MAX_NAME_BYTES} bytes", "path")
     raw = Path(path)
     if not raw.is_absolute():
-        raise bad_upload(f"path {path!r} must be absolute", "path")
+        raise bad_upload("path must be absolute", "path")
     resolved_roots = [root.resolve() for root in roots]
 
     def allowed(p: Path) -> bool:
         return any(p.is_relative_to(root) for root in resolved_roots)
 
     # Containment is checked before existence so that the answer reveals nothing outside the roots.
-    folder = raw.resolve()
-    if not allowed(folder):
-        raise bad_upload(f"path {path!r} is outside the allowed roots", "path")
-    if not folder.is_dir():
-        raise bad_upload(f"path {path!r} is not a folder", "path")
-    for entry in folder.iterdir():
-        if not allowed(entry.resolve()):
-            raise bad_upload(f"{entry.name} in {path!r} links outside the allowed roots", "path")
+    # Messages never echo the path: they would show server paths back.
+    try:
+        folder = raw.resolve()
+        if not allowed(folder):
+            raise bad_upload("path is outside the allowed roots", "path")
+        if not folder.is_dir():
+            raise bad_upload("path is not a folder", "path")
+        for entry in folder.iterdir():
+            if not allowed(entry.resolve()):
+                raise bad_upload(f"{entry.name} links outside the allowed roots", "path")
+    except (OSError, RuntimeError, UnicodeError) as exc:  # RuntimeError: a symlink loop
+        raise bad_upload("path is not a readable folder", "path") from exc
     return folder

@@ -6,8 +6,12 @@ import hashlib
 import json
 import re
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from runtime.model_config import ModelConfig
-from zoo.errors import InvalidNameError
+from zoo.catalog.models import Model
+from zoo.errors import DuplicateNameError, InvalidNameError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -20,6 +24,14 @@ def validate_model_name(name: str) -> str:
             "letter or digit, and no '..'"
         )
     return name
+
+
+def check_not_a_base_name(session: Session, name: str) -> None:
+    """A tenant's model may not take a shared model's name: `/v1/models` would list the id twice and
+    requests for it would be ambiguous. DuplicateNameError (a 409) otherwise."""
+    shared = session.scalar(select(Model.id).where(Model.tenant_id.is_(None), Model.name == name))
+    if shared is not None:
+        raise DuplicateNameError(f"{name!r} is the name of a shared base model; choose another name")
 
 
 def shape_digest(config: ModelConfig) -> str:

@@ -6,7 +6,6 @@ because serving them as plain LoRA would silently give different outputs than pe
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,8 +18,14 @@ from runtime.errors import CorruptCheckpointError, MissingFileError, ModelLoadEr
 from runtime.lora import PROJECTIONS, LoraProjection
 from runtime.model_config import ModelConfig
 from runtime.safetensors_mmap import SafetensorsFile
+from zoo.bounded_json import read_json_object
 
 MAX_RANK = 256
+# Bounds on what a LoRA config may say: real adapters use alpha of a few times r (scaling ~1-4).
+MAX_ALPHA = 1e5
+MAX_SCALING = 1024.0
+MAX_PATTERNS = 4096
+_PATTERN_KEY = re.compile(r"[A-Za-z0-9_.]{1,256}")
 _SHORT_TO_PROJECTION = {p.split(".")[-1]: p for p in PROJECTIONS}
 _SAVE_TARGETS = {"embed_tokens": "embed_tokens.weight", "lm_head": "lm_head.weight"}
 _LORA_KEY = re.compile(
@@ -33,6 +38,14 @@ _SAVED_KEY = re.compile(
 
 class UnsupportedAdapterError(ModelLoadError):
     """The adapter uses a PEFT feature BlockZoo does not serve."""
+
+
+class AdapterConfigError(CorruptCheckpointError):
+    """A number in adapter_config.json is missing its type or its bounds; `field` names it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -63,15 +76,71 @@ def is_peft_adapter(folder: Path) -> bool:
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / "adapter_config.json"
     if not path.is_file():
-        raise MissingFileError(f"{folder}: adapter_config.json is missing")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON") from exc
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object")
+        raise MissingFileError("adapter_config.json is missing")
+    raw = read_json_object(path)
     _check_supported(raw)
+    check_lora_numbers(raw)
     return raw
+
+
+def _number(key: str, value: Any, limit: float, where: str = "") -> float:
+    # bool is an int to Python, but `"lora_alpha": true` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AdapterConfigError(f"adapter_config.json: {key}{where} must be a number, got {value!r}", key)
+    if not math.isfinite(value) or not 0 < abs(value) <= limit:
+        raise AdapterConfigError(
+            f"adapter_config.json: {key}{where} must be finite, non-zero and at most {limit:g} in size, "
+            f"got {value!r}",
+            key,
+        )
+    return float(value)
+
+
+def _rank(key: str, value: Any, where: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise AdapterConfigError(
+            f"adapter_config.json: {key}{where} must be an integer from 1 to {MAX_RANK}, got {value!r}", key
+        )
+    return value
+
+
+def check_lora_numbers(raw: dict[str, Any]) -> None:
+    """Refuse ranks, alphas and scalings that are not finite and sane (a huge alpha gives NaN logits);
+    the error names the field."""
+    r = _rank("r", raw.get("r", 8))
+    alpha = _number("lora_alpha", raw.get("lora_alpha", r), MAX_ALPHA)
+    if not isinstance(raw.get("use_rslora", False), bool):
+        raise AdapterConfigError("adapter_config.json: use_rslora must be true or false", "use_rslora")
+    ranks = [r]
+    alphas = [alpha]
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = raw.get(key) or {}
+        if not isinstance(pattern, dict) or len(pattern) > MAX_PATTERNS:
+            raise AdapterConfigError(
+                f"adapter_config.json: {key} must be an object of at most {MAX_PATTERNS} entries", key
+            )
+        for module, value in pattern.items():
+            where = f"[{module[:64]!r}]"
+            # peft reads these keys as regular expressions; plain module names only, so no key can
+            # make matching backtrack for ever.
+            if not _PATTERN_KEY.fullmatch(module):
+                raise AdapterConfigError(
+                    f"adapter_config.json: {key} key {module[:64]!r} must be a module name "
+                    "(letters, digits, '_' and '.')",
+                    key,
+                )
+            if key == "rank_pattern":
+                ranks.append(_rank(key, value, where))
+            else:
+                alphas.append(_number(key, value, MAX_ALPHA, where))
+    rs = bool(raw.get("use_rslora", False))
+    worst = max(abs(a) for a in alphas) / (math.sqrt(min(ranks)) if rs else min(ranks))
+    if worst > MAX_SCALING:
+        raise AdapterConfigError(
+            f"adapter_config.json: lora_alpha / r gives a scaling of {worst:g}; at most {MAX_SCALING:g} "
+            "is served",
+            "lora_alpha",
+        )
 
 
 def _check_supported(raw: dict[str, Any]) -> None:
@@ -117,7 +186,7 @@ def read_peft_adapter(folder: Path, config: ModelConfig) -> PeftAdapter:
     raw = read_adapter_config(folder)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        raise MissingFileError(f"{folder}: adapter_model.safetensors is missing")
+        raise MissingFileError("adapter_model.safetensors is missing")
     st = SafetensorsFile(weights)
     r_default = int(raw.get("r", 8))
     alpha_default = float(raw.get("lora_alpha", r_default))
@@ -145,7 +214,7 @@ def read_peft_adapter(folder: Path, config: ModelConfig) -> PeftAdapter:
             continue
         raise UnsupportedAdapterError(f"unexpected adapter tensor {key!r}")
     if not pairs and not saved:
-        raise CorruptCheckpointError(f"{weights}: the adapter holds no LoRA weights")
+        raise CorruptCheckpointError("adapter_model.safetensors holds no LoRA weights")
     layers: list[dict[str, LoraProjection]] = [{} for _ in range(config.num_layers)]
     max_rank = 0
     for (layer, proj), ab in sorted(pairs.items()):
@@ -168,9 +237,15 @@ def read_peft_adapter(folder: Path, config: ModelConfig) -> PeftAdapter:
             raise UnsupportedAdapterError(f"{where}: rank {rank} exceeds the supported maximum {MAX_RANK}")
         alpha = _pattern_value(alpha_pattern, module, alpha_default)
         scaling = alpha / math.sqrt(rank) if rs else alpha / rank
+        if not math.isfinite(scaling) or abs(scaling) > MAX_SCALING:
+            raise AdapterConfigError(f"{where}: LoRA scaling {scaling:g} is out of range", "lora_alpha")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise CorruptCheckpointError(f"{where}: the LoRA weights hold NaN or infinite values")
         layers[layer][proj] = LoraProjection(a, b, scaling)
         max_rank = max(max_rank, rank)
     for name, tensor in saved.items():
+        if not torch.isfinite(tensor).all():
+            raise CorruptCheckpointError(f"saved module {name} holds NaN or infinite values")
         if tuple(tensor.shape) != (config.vocab_size, config.hidden_size):
             raise CorruptCheckpointError(
                 f"saved module {name} has shape {list(tensor.shape)}, the base needs "

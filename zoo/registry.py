@@ -26,6 +26,7 @@ from runtime.residency import BlockResidency
 from zoo.adapter_chain import adapter_chain
 from zoo.base_matching import base_for_adapter, base_for_checkpoint
 from zoo.block_store import BlockStore, GcReport
+from zoo.bounded_json import check_model_json
 from zoo.catalog.models import BaseModel, Block, ChainEntryDelta, Delta, Model, Tenant
 from zoo.catalog.models import ChainEntry as ChainEntryRow
 from zoo.catalog.types import ModelKind, ModelStatus
@@ -38,11 +39,12 @@ from zoo.errors import (
 )
 from zoo.finetune_plan import FineTuneOptions, plan_fine_tune
 from zoo.model_writer import write_model
-from zoo.names import shape_digest, validate_model_name
+from zoo.names import check_not_a_base_name, shape_digest, validate_model_name
 from zoo.peft_adapter import is_peft_adapter
 from zoo.quantize import QuantizeOptions
 from zoo.reports import RegistrationReport
 from zoo.splitter import SplitCheckpoint, split_checkpoint
+from zoo.tenant_charge import charge_beyond_base
 from zoo.variants import QuantizeReport, quantize_model, variant_entries
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,10 @@ class Zoo:
         with self.sessions() as session:
             if session.scalar(select(BaseModel.id).where(BaseModel.name == name)) is not None:
                 raise DuplicateNameError(f"a base model named {name!r} already exists")
+            if session.scalar(select(Model.id).where(Model.name == name)) is not None:
+                raise DuplicateNameError(
+                    f"a tenant's model is named {name!r}; a base needs a name of its own"
+                )
         split = self._split(Path(folder), progress)
         entries = [ChainEntry(b.block_id) for b in split.blocks]
         report = RegistrationReport(model=name, kind="base", base=None)
@@ -134,6 +140,7 @@ class Zoo:
             taken = session.scalar(select(Model.id).where(Model.tenant_id == tenant_id, Model.name == name))
             if taken is not None:
                 raise DuplicateNameError(f"tenant {tenant!r} already has a model named {name!r}")
+            check_not_a_base_name(session, name)
         _check_folder(folder)
         if is_peft_adapter(folder):
             report = self._register_adapter(tenant_id, name, folder, base, progress)
@@ -210,6 +217,7 @@ class Zoo:
             progress,
             plan.entries,
         )
+        charge_beyond_base(self.sessions, report, tenant_id, plan.entries, base_ref.entries)
         return report
 
     def _register_adapter(
@@ -249,6 +257,7 @@ class Zoo:
             progress,
             built.entries,
         )
+        charge_beyond_base(self.sessions, report, tenant_id, built.entries, base_ref.entries)
         return report
 
     # -- helpers -----------------------------------------------------------------------------
@@ -380,6 +389,8 @@ def has_tokenizer(folder: Path) -> bool:
 
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir():
-        raise MissingFileError(f"{folder}: not a directory")
+        raise MissingFileError("the model folder is not a directory")
     if not any(folder.iterdir()):
-        raise MissingFileError(f"{folder}: the folder is empty")
+        raise MissingFileError("the model folder is empty")
+    # Later stages read these files with plain `json`: bound them first (depth, number size).
+    check_model_json(folder)

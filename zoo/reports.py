@@ -25,6 +25,11 @@ class RegistrationReport:
     compressed_layers: list[int] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     effect: dict[str, float] | None = None
+    # Relative to the public base only: what a tenant may be told (and is charged for).
+    blocks_shared_with_base: int = 0
+    bytes_shared_with_base: int = 0
+    bytes_beyond_base: int = 0
+    deltas_total: int = 0
 
     @property
     def bytes_saved(self) -> int:
@@ -34,6 +39,10 @@ class RegistrationReport:
         out = dict(vars(self))
         out["bytes_saved"] = self.bytes_saved
         return out
+
+    def tenant_view(self) -> dict[str, Any]:
+        """What the model's owner may see; see `tenant_view`."""
+        return tenant_view(self.to_dict())
 
     def table(self) -> str:
         rows = [
@@ -58,6 +67,32 @@ class RegistrationReport:
             rows.append(("top-1 agreement", f"{self.effect['top1_agreement']:.4f}"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+# `blocks_new`, `bytes_new`, `deltas_new`, `blocks_shared` and `bytes_shared` count what this
+# registration added to the zoo as a whole, so they are 0 when another tenant already stored the same
+# weights: only admins see them. A tenant sees what its model references, compared with the public base.
+TENANT_FIELDS = (
+    "model",
+    "kind",
+    "base",
+    "blocks_total",
+    "blocks_shared_with_base",
+    "deltas_total",
+    "naive_bytes",
+    "bytes_shared_with_base",
+    "bytes_beyond_base",
+    "seconds",
+    "substituted_layers",
+    "compressed_layers",
+    "layers",
+    "effect",
+)
+
+
+def tenant_view(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a report (as `to_dict` made it) that say nothing about other tenants' models."""
+    return {key: report[key] for key in TENANT_FIELDS if key in report}
 
 
 def _human(n: int) -> str:

@@ -153,7 +153,8 @@ def test_adapter_upload_registers_and_shows_its_chain(env: Env, adapter_dir: Pat
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
     assert job["model"] == "my-lora" and job["report"]["kind"] == "lora"
     # One LoRA delta per adapted layer (q_proj and v_proj together), no new block.
-    assert job["report"]["deltas_new"] == 2 and job["report"]["blocks_new"] == 0
+    report = job["report"]
+    assert report["deltas_total"] == 2 and report["blocks_shared_with_base"] == report["blocks_total"] == 4
     assert list(env.uploads.iterdir()) == []  # staging removed
 
     listed = env.client.get("/v1/fine-tunes", headers=acme).json()["data"]
@@ -166,7 +167,8 @@ def test_adapter_upload_registers_and_shows_its_chain(env: Env, adapter_dir: Pat
     assert [len(e["deltas"]) for e in chain] == [0, 1, 1, 0]
     assert all(d["kind"] == "lora" and d["rank"] == 4 for e in chain for d in e["deltas"])
     assert detail["dedup"]["blocks_new"] == 0 and detail["dedup"]["deltas"] == 2
-    assert detail["dedup"]["stored_bytes_new"] == job["report"]["bytes_new"] > 0
+    assert detail["dedup"]["bytes_beyond_base"] == job["report"]["bytes_beyond_base"] > 0
+    assert "bytes_new" not in job["report"]  # a zoo-wide figure: admins only
 
     with env.zoo.sessions() as s:
         actions = [(a.action, a.status) for a in s.scalars(select(AuditLog).order_by(AuditLog.id))]
@@ -185,7 +187,7 @@ def test_full_checkpoint_upload_stores_only_the_changed_layer(
     # Layer 1 sits at chain position 2 and is the only block that differs from the base.
     assert [e["shared_with_base"] for e in detail["chain"]] == [True, True, False, True]
     assert detail["dedup"]["blocks_shared"] == 3 and detail["dedup"]["blocks_new"] == 1
-    assert 0 < detail["dedup"]["stored_bytes_new"] < detail["dedup"]["naive_bytes"]
+    assert 0 < detail["dedup"]["bytes_beyond_base"] < detail["dedup"]["naive_bytes"]
 
 
 def test_register_from_path_under_allowed_roots_only(env: Env, base_dir: Path, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ class InvalidTenantName(TenantError, ValueError):
 
 
 class InvalidQuota(TenantError, ValueError):
-    """A quota is negative."""
+    """A quota is negative or too large to store."""
 
 
 class TenantExists(TenantError):
@@ -65,8 +65,10 @@ class TenantQuotas:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if value is not None and value < 0:
-                raise InvalidQuota(f"quota {field.name} must be >= 0 or unlimited, got {value}")
+            # Past these the catalog's integer columns overflow (32-bit, or 64-bit for bytes).
+            limit = 2**53 if field.name == "max_storage_bytes" else 2**31 - 1
+            if value is not None and not 0 <= value <= limit:
+                raise InvalidQuota(f"quota {field.name} must be from 0 to {limit} or unlimited, got {value}")
 
     @classmethod
     def of(cls, tenant: Tenant) -> TenantQuotas:
