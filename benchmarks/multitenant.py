@@ -1,11 +1,14 @@
 """Many models in one batch: BlockZoo against transformers + peft, and against itself unshared.
 
     .venv/bin/python -m benchmarks.multitenant [--quick] [--num-requests N] [--workdir DIR]
+        [--prefix-cache-sharing tenant|public_bases|global]
 
 The zoo of benchmarks/zoo_dedup.py (a Llama-shaped base, 16 LoRA adapters of ranks 8-64 on four
 sets of targets, 4 full fine-tunes of the top layers), registered through `Zoo.register` by four
 tenants. 256 requests spread uniformly at random over the 21 models, lognormal (ShareGPT-shaped)
-prompt and output lengths, random token ids, greedy, every request at t=0. Served by:
+prompt and output lengths, random token ids, greedy, every request at t=0. A request for a tenant's
+model comes from its owner; one for the base from the four tenants in turn, and BlockZoo salts its
+prefix-cache pages as the server's `prefix_cache_sharing` setting says (default: per tenant). Served by:
 
   (a) BlockZoo: one engine, per-block batching (each distinct block once per step, LoRA deltas by
       segmented gather-matmul), KV segments at the fine-tunes' divergence layer;
@@ -36,7 +39,7 @@ import torch
 from benchmarks.multitenant_systems import ModelRequest, SystemResult, run_blockzoo, run_hf_peft
 from benchmarks.report import table
 from benchmarks.workload import BenchRequest, ShareGPTShape
-from benchmarks.zoo_workload import BASE_NAME, Workload, WorkloadSpec, build_workload, open_zoo
+from benchmarks.zoo_workload import BASE_NAME, TENANTS, Workload, WorkloadSpec, build_workload, open_zoo
 from blockzoo.settings import Settings
 from zoo.kv_layout import kv_cuts
 from zoo.registry import Zoo
@@ -60,13 +63,16 @@ def build(root: Path, spec: WorkloadSpec) -> tuple[Workload, Zoo]:
 
 
 def make_requests(
-    models: list[str], n: int, shape: ShareGPTShape, vocab: int, seed: int, prefix: list[int]
+    owners: dict[str, str | None], n: int, shape: ShareGPTShape, vocab: int, seed: int, prefix: list[int]
 ) -> list[ModelRequest]:
     rng = random.Random(seed)
+    models = list(owners)
     out = []
-    for _ in range(n):
+    for i in range(n):
         prompt = [rng.randrange(5, vocab) for _ in range(shape.prompt.sample(rng))]
-        out.append(ModelRequest(rng.choice(models), BenchRequest(prefix + prompt, shape.output.sample(rng))))
+        model = rng.choice(models)
+        tenant = owners[model] or TENANTS[i % len(TENANTS)]
+        out.append(ModelRequest(model, BenchRequest(prefix + prompt, shape.output.sample(rng)), tenant))
     return out
 
 
@@ -134,12 +140,19 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--prefix-cache-sharing",
+        choices=["tenant", "public_bases", "global"],
+        default=Settings.model_fields["prefix_cache_sharing"].default,
+        help="who shares prefix-cache pages (the server setting of that name; default: per tenant)",
+    )
     args = ap.parse_args()
     spec = WorkloadSpec(num_layers=4, top_layers=1) if args.quick else WorkloadSpec()
     shape = ShareGPTShape(scale=16 if args.quick else 8)
     started = time.perf_counter()
     print(
-        f"# benchmarks/multitenant.py{' --quick' if args.quick else ''}\n"
+        f"# benchmarks/multitenant.py{' --quick' if args.quick else ''}"
+        f" --prefix-cache-sharing {args.prefix_cache_sharing}\n"
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f};"
         f" torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
@@ -147,11 +160,14 @@ def main() -> None:
     try:
         workload, zoo = build(root, spec)
         owners: dict[str, str | None] = {BASE_NAME: None} | {m.name: m.tenant for m in workload.models}
-        models = list(owners)
-        requests = make_requests(models, args.num_requests, shape, spec.vocab_size, args.seed, [])
+        requests = make_requests(owners, args.num_requests, shape, spec.vocab_size, args.seed, [])
         # vLLM's default batch size (256 sequences): every request can be in one batch.
         settings = Settings(
-            dtype="float32", kv_cache_memory=512 * MiB, max_num_seqs=256, max_num_batched_tokens=1024
+            dtype="float32",
+            kv_cache_memory=512 * MiB,
+            max_num_seqs=256,
+            max_num_batched_tokens=1024,
+            prefix_cache_sharing=args.prefix_cache_sharing,
         )
         cuts = kv_cuts(zoo, BASE_NAME, settings.max_kv_segments)
         unshared = settings.model_copy(update={"per_block_batching": False})
@@ -169,7 +185,7 @@ def main() -> None:
         b = run_hf_peft(workload.base, adapters, full, BASE_NAME, requests, log)
         log("running BlockZoo on prompts with a shared prefix")
         prefix = [random.Random(args.seed + 1).randrange(5, spec.vocab_size) for _ in range(SHARED_PREFIX)]
-        shared = make_requests(models, args.num_requests, shape, spec.vocab_size, args.seed, prefix)
+        shared = make_requests(owners, args.num_requests, shape, spec.vocab_size, args.seed, prefix)
         sharing = run_blockzoo(zoo, owners, BASE_NAME, workload.base, shared, settings, cuts, "shared", log)
         report(args, spec, shape, requests, a, b, c, runs, sharing)
     finally:
@@ -223,7 +239,7 @@ def report(
     beyond = sharing.notes["segment_shared_beyond_start"]
     print(
         f"\n## KV sharing, same requests with a common {SHARED_PREFIX}-token prefix"
-        f" (KV segments {sharing.notes['kv_segments']})"
+        f" (KV segments {sharing.notes['kv_segments']}, prefix_cache_sharing={args.prefix_cache_sharing})"
     )
     total = sum(len(r.request.prompt) for r in requests) + SHARED_PREFIX * len(requests)
     print(

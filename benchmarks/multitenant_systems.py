@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from benchmarks.hf_baseline import generate_batch
 from benchmarks.workload import BenchRequest
 from blockzoo.settings import Settings
+from router.inference import prefix_cache_salt
 from runtime.chain import Chain
 from runtime.checkpoint_loader import load_tokenizer
 from runtime.engine import LLMEngine
@@ -40,10 +41,11 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """A request for one of the models."""
+    """A request for one of the models, sent by `tenant` (None: the model's owner)."""
 
     model: str
     request: BenchRequest
+    tenant: str | None = None
 
 
 @dataclass
@@ -109,7 +111,12 @@ def run_blockzoo(
     start = time.perf_counter()
     for i, r in enumerate(requests):
         params = SamplingParams(temperature=0.0, max_tokens=r.request.output_len, ignore_eos=True)
-        engine.add_request(r.request.prompt, params, request_id=str(i), chain=chains[r.model])
+        # Salted as the server would salt it (settings.prefix_cache_sharing).
+        tenant = r.tenant or owners[r.model] or ""
+        salt = prefix_cache_salt(settings.prefix_cache_sharing, tenant, owners[r.model] is None)
+        engine.add_request(
+            r.request.prompt, params, request_id=str(i), chain=chains[r.model], cache_salt=salt
+        )
     steps, last_log = 0, start
     while engine.has_unfinished_requests():
         for out in engine.step():
