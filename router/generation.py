@@ -1,14 +1,18 @@
-"""Running one OpenAI request on the engine: n choices, streaming merge, usage, abort on disconnect."""
+"""Running one OpenAI request on the engine: n choices, streaming merge, usage, abort on disconnect.
+
+Aborting is synchronous (`Generation.abort` queues each choice's abort for the engine thread without
+awaiting), so cleanup that runs in a cancelled scope, after a client disconnected, still aborts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from fastapi import Request
 
@@ -48,6 +52,14 @@ class ChoiceResult:
             self.finish_reason = out.finish_reason
 
 
+class UsageCounts(NamedTuple):
+    """A request's tokens as its response reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
 @dataclass
 class Timing:
     """Latency figures of one request for the metrics."""
@@ -73,17 +85,26 @@ class Generation:
     bad input fails before any response starts."""
 
     def __init__(
-        self, inference: InferenceService, loaded: LoadedModel, tenant: str, request_id: str
+        self, inference: InferenceService, loaded: LoadedModel, tenant: str, request_id: str, n: int = 1
     ) -> None:
         self.inference = inference
         self.loaded = loaded
         self.tenant = tenant
+        # The server's id for this HTTP request (never the client's label): engine ids derive from it.
         self.request_id = request_id
+        # Choices per prompt: the prompts come in groups of n equal ones.
+        self.n = n
         self.streams: list[RequestStream] = []
+        # What each choice has produced so far; whoever reads `events()` folds its outputs in.
+        self.results: list[ChoiceResult] = []
+        self.client_gone = False
         self.timing = Timing()
 
     async def add(self, prompts: list[str | list[int]], params: list[SamplingParams]) -> None:
         engine = self.inference.engine_for(self.loaded)
+        self.results = [
+            ChoiceResult(i, prompt_tokens=len(p) if isinstance(p, list) else 0) for i, p in enumerate(prompts)
+        ]
         try:
             for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
                 self.streams.append(
@@ -99,14 +120,32 @@ class Generation:
                     )
                 )
         except BaseException:
-            await self.abort()
+            self.abort()
             raise
 
-    async def abort(self) -> None:
+    def abort(self) -> None:
+        """Abort every choice that has not finished. Nothing here awaits, so a cancellation cannot
+        stop it after the first choice."""
         for stream in self.streams:
-            await stream.abort()
+            stream.abort_nowait()
 
-    async def events(self) -> AsyncIterator[list[ChoiceEvent]]:
+    def settle(self) -> None:
+        """Fold in the outputs that arrived but were never read, so an aborted request is charged
+        for the tokens the engine really generated."""
+        for stream, result in zip(self.streams, self.results, strict=False):
+            for out in stream.take_pending():
+                result.update(out)
+
+    def counts(self) -> UsageCounts:
+        """Each distinct prompt once (OpenAI's rule for n > 1) and every choice's completion."""
+        firsts = self.results[:: max(1, self.n)]
+        return UsageCounts(
+            sum(r.prompt_tokens for r in firsts),
+            sum(len(r.token_ids) for r in self.results),
+            sum(r.cached_tokens for r in firsts),
+        )
+
+    async def events(self) -> AsyncGenerator[list[ChoiceEvent], None]:
         """All choices' outputs in arrival order, in batches of whatever had arrived by then."""
         try:
             if len(self.streams) == 1:
@@ -119,7 +158,7 @@ class Generation:
                     async for events in merged:
                         yield events
         finally:
-            await self.abort()
+            self.abort()
 
     def _events(self, choice: int, outputs: list[RequestOutput]) -> list[ChoiceEvent]:
         for out in outputs:
@@ -160,35 +199,26 @@ class Generation:
             for task in tasks:
                 task.cancel()
 
-    async def collect(self, http_request: Request | None) -> list[ChoiceResult]:
-        """Run to completion; a client that disconnects meanwhile aborts every choice."""
-        results = [ChoiceResult(i) for i in range(len(self.streams))]
+    async def collect(self, http_request: Request | None) -> bool:
+        """Run every choice to its end, folding the outputs into `results`. Returns False when the
+        client went away first: then every choice was aborted and `results` holds what ran."""
+        listener = (
+            None if http_request is None else asyncio.create_task(self._abort_on_disconnect(http_request))
+        )
+        try:
+            async with aclosing(self.events()) as events:
+                async for batch in events:
+                    for event in batch:
+                        self.results[event.choice].update(event.output)
+        finally:
+            if listener is not None:
+                listener.cancel()
+        return not self.client_gone
 
-        async def consume() -> None:
-            async for events in self.events():
-                for event in events:
-                    results[event.choice].update(event.output)
-
-        await watch_disconnect(consume, http_request, self.abort)
-        return results
-
-
-async def watch_disconnect(
-    work: Callable[[], Coroutine[Any, Any, None]],
-    http_request: Request | None,
-    on_disconnect: Callable[[], Coroutine[Any, Any, None]],
-) -> None:
-    """Run `work()` but stop it and call `on_disconnect` if the client goes away."""
-    task = asyncio.ensure_future(work())
-    if http_request is None:
-        await task
-        return
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if done:
-            break
-        if await http_request.is_disconnected():
-            task.cancel()
-            await on_disconnect()
-            raise asyncio.CancelledError("client disconnected")
-    await task
+    async def _abort_on_disconnect(self, http_request: Request) -> None:
+        # The body was read already, so the server's next message is the disconnect. Waiting for
+        # it (as Starlette's StreamingResponse does) reacts at once, where polling would lag.
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        self.abort()

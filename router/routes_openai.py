@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from router.admission import Admission, admit
+from router.admission import admit
 from router.auth import ServicesDep, TenantDep
 from router.errors import APIError
 from router.generation import ChoiceResult, Generation
@@ -27,6 +27,7 @@ from router.openai_format import (
 from router.openai_schemas import ChatCompletionRequest, CompletionRequest
 from router.services import Services
 from router.sse_chunks import ChunkFramer
+from router.streaming import GenerationStream, client_gone, collect
 from zoo.catalog.models import BaseModel, Model
 from zoo.catalog.types import ModelStatus
 from zoo.errors import NotFoundError
@@ -156,12 +157,13 @@ async def completions(
             engine_prompts.append(prompt)
             params.append(sampling_params(body, max_tokens, body.logprobs, j))
     echo = [str(loaded.tokenizer.decode(p)) if body.echo else "" for p in prompts for _ in range(body.n)]
-    admission = await admit(request, principal, loaded, sum(len(p) for p in engine_prompts), params)
-    gen = Generation(inference, loaded, principal.tenant, request.state.request_id)
+    # Each distinct prompt counts once, as in the response's usage, whatever n is.
+    admission = await admit(request, principal, loaded, sum(len(p) for p in prompts), params)
+    gen = Generation(inference, loaded, principal.tenant, request.state.request_id, n=body.n)
     try:
         await gen.add(engine_prompts, params)
     except BaseException:
-        await admission.finish(gen, [])
+        await admission.finish(gen, served=False)
         raise
     rid, created = _new_id("cmpl"), int(time.time())
 
@@ -172,7 +174,9 @@ async def completions(
         return completion_logprobs(loaded.tokenizer, items, len(echo[r.index]))
 
     if not body.stream:
-        results = await _collect(gen, request, admission)
+        results = await collect(gen, request, admission)
+        if results is None:
+            return client_gone()
         return JSONResponse(
             {
                 "id": rid,
@@ -188,51 +192,49 @@ async def completions(
                     }
                     for r in results
                 ],
-                "usage": _usage(results, body.n),
+                "usage": _usage(gen),
             },
             headers=admission.headers,
         )
 
-    async def stream() -> AsyncIterator[bytes]:
-        results = [ChoiceResult(i) for i in range(len(engine_prompts))]
+    async def stream() -> AsyncGenerator[bytes, None]:
+        # Aborting and accounting happen in GenerationStream, however this body ends.
+        results = gen.results
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         framer = ChunkFramer(rid, created, body.model, "text_completion", include_usage)
-        try:
-            echoed = [
-                framer.chunk({"index": i, "text": text, "logprobs": None, "finish_reason": None})
-                for i, text in enumerate(echo)
-                if text
-            ]
-            if echoed:
-                yield "".join(echoed).encode()
-            async for events in gen.events():
-                parts = []
-                for event in events:
-                    out, r = event.output, results[event.choice]
-                    offset = len(echo[r.index]) + len(r.text)
-                    r.update(out)
-                    lp = (
-                        completion_logprobs(loaded.tokenizer, out.new_logprobs, offset)
-                        if body.logprobs is not None
-                        else None
+        echoed = [
+            framer.chunk({"index": i, "text": text, "logprobs": None, "finish_reason": None})
+            for i, text in enumerate(echo)
+            if text
+        ]
+        if echoed:
+            yield "".join(echoed).encode()
+        async for events in gen.events():
+            parts = []
+            for event in events:
+                out, r = event.output, results[event.choice]
+                offset = len(echo[r.index]) + len(r.text)
+                r.update(out)
+                lp = (
+                    completion_logprobs(loaded.tokenizer, out.new_logprobs, offset)
+                    if body.logprobs is not None
+                    else None
+                )
+                parts.append(
+                    framer.chunk(
+                        {
+                            "index": event.choice,
+                            "text": out.new_text,
+                            "logprobs": lp,
+                            "finish_reason": out.finish_reason,
+                        }
                     )
-                    parts.append(
-                        framer.chunk(
-                            {
-                                "index": event.choice,
-                                "text": out.new_text,
-                                "logprobs": lp,
-                                "finish_reason": out.finish_reason,
-                            }
-                        )
-                    )
-                yield "".join(parts).encode()
-            tail = framer.usage(_usage(results, body.n)) if include_usage else ""
-            yield (tail + framer.done()).encode()
-        finally:
-            await admission.finish(gen, results)
+                )
+            yield "".join(parts).encode()
+        tail = framer.usage(_usage(gen)) if include_usage else ""
+        yield (tail + framer.done()).encode()
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=admission.headers)
+    return GenerationStream(stream(), gen, admission)
 
 
 @router.post("/v1/chat/completions")
@@ -248,17 +250,19 @@ async def chat_completions(
     max_tokens = _max_tokens(inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt))
     top = body.top_logprobs or 0 if body.logprobs else None
     params = [sampling_params(body, max_tokens, top, j) for j in range(body.n)]
-    admission = await admit(request, principal, loaded, len(prompt) * body.n, params)
-    gen = Generation(inference, loaded, principal.tenant, request.state.request_id)
+    admission = await admit(request, principal, loaded, len(prompt), params)
+    gen = Generation(inference, loaded, principal.tenant, request.state.request_id, n=body.n)
     try:
         await gen.add([prompt] * body.n, params)
     except BaseException:
-        await admission.finish(gen, [])
+        await admission.finish(gen, served=False)
         raise
     rid, created = _new_id("chatcmpl"), int(time.time())
 
     if not body.stream:
-        results = await _collect(gen, request, admission)
+        results = await collect(gen, request, admission)
+        if results is None:
+            return client_gone()
         return JSONResponse(
             {
                 "id": rid,
@@ -278,57 +282,45 @@ async def chat_completions(
                     }
                     for r in results
                 ],
-                "usage": _usage(results, 1),
+                "usage": _usage(gen),
             },
             headers=admission.headers,
         )
 
-    async def stream() -> AsyncIterator[bytes]:
-        results = [ChoiceResult(i) for i in range(body.n)]
+    async def stream() -> AsyncGenerator[bytes, None]:
+        # Aborting and accounting happen in GenerationStream, however this body ends.
+        results = gen.results
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         framer = ChunkFramer(rid, created, body.model, "chat.completion.chunk", include_usage)
-        try:
-            first = {"role": "assistant", "content": ""}
-            yield "".join(
-                framer.chunk({"index": i, "delta": first, "logprobs": None, "finish_reason": None})
-                for i in range(body.n)
-            ).encode()
-            async for events in gen.events():
-                parts = []
-                for event in events:
-                    out = event.output
-                    results[event.choice].update(out)
-                    lp = chat_logprobs(loaded.tokenizer, out.new_logprobs) if body.logprobs else None
-                    parts.append(
-                        framer.chunk(
-                            {
-                                "index": event.choice,
-                                "delta": {"content": out.new_text} if out.new_text else {},
-                                "logprobs": lp,
-                                "finish_reason": out.finish_reason,
-                            }
-                        )
+        first = {"role": "assistant", "content": ""}
+        yield "".join(
+            framer.chunk({"index": i, "delta": first, "logprobs": None, "finish_reason": None})
+            for i in range(body.n)
+        ).encode()
+        async for events in gen.events():
+            parts = []
+            for event in events:
+                out = event.output
+                results[event.choice].update(out)
+                lp = chat_logprobs(loaded.tokenizer, out.new_logprobs) if body.logprobs else None
+                parts.append(
+                    framer.chunk(
+                        {
+                            "index": event.choice,
+                            "delta": {"content": out.new_text} if out.new_text else {},
+                            "logprobs": lp,
+                            "finish_reason": out.finish_reason,
+                        }
                     )
-                yield "".join(parts).encode()
-            tail = framer.usage(_usage(results, 1)) if include_usage else ""
-            yield (tail + framer.done()).encode()
-        finally:
-            await admission.finish(gen, results)
+                )
+            yield "".join(parts).encode()
+        tail = framer.usage(_usage(gen)) if include_usage else ""
+        yield (tail + framer.done()).encode()
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=admission.headers)
-
-
-async def _collect(gen: Generation, request: Request, admission: Admission) -> list[ChoiceResult]:
-    results: list[ChoiceResult] = []
-    try:
-        results = await gen.collect(request)
-        return results
-    finally:
-        await admission.finish(gen, results)
+    return GenerationStream(stream(), gen, admission)
 
 
-def _usage(results: list[ChoiceResult], n: int) -> dict[str, Any]:
-    # The prompt is counted once per distinct prompt, as OpenAI does for n > 1.
-    prompt = sum(r.prompt_tokens for r in results[::n])
-    cached = sum(r.cached_tokens for r in results[::n])
-    return usage(prompt, sum(len(r.token_ids) for r in results), cached)
+def _usage(gen: Generation) -> dict[str, Any]:
+    # The same counts that usage rows, quotas and metrics are charged (Admission.finish).
+    counts = gen.counts()
+    return usage(counts.prompt_tokens, counts.completion_tokens, counts.cached_tokens)

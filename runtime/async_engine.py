@@ -25,7 +25,13 @@ from runtime.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-_Item = RequestOutput | BaseException
+
+class _Aborted:
+    """Ends a stream's queue when its request is aborted from this side, so its reader stops."""
+
+
+_ABORTED = _Aborted()
+_Item = RequestOutput | BaseException | _Aborted
 
 
 class _Stream:
@@ -45,7 +51,11 @@ def _deliver(items: list[tuple[_Stream, _Item]]) -> None:
 
 
 class RequestStream:
-    """One request's outputs as an async iterator; leaving it early (or closing it) aborts the request."""
+    """One request's outputs as an async iterator; leaving it early (or closing it) aborts the request.
+
+    Aborting never awaits anything before the abort is queued for the engine thread, so a caller
+    inside a cancelled scope (a client that disconnected) still aborts the request.
+    """
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str, stream: _Stream) -> None:
         self.engine = engine
@@ -63,7 +73,7 @@ class RequestStream:
         """The outputs in batches: everything queued by the time the consumer gets to run.
 
         A consumer that falls behind the engine then handles several steps' outputs at once (one
-        socket write instead of several) rather than falling further behind.
+        socket write instead of several) rather than falling further behind. An abort ends it.
         """
         queue = self._stream.queue
         try:
@@ -72,24 +82,48 @@ class RequestStream:
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 outputs: list[RequestOutput] = []
+                ended = False
                 for item in batch:
+                    if isinstance(item, _Aborted):
+                        ended = True
+                        break
                     if isinstance(item, BaseException):
                         raise item
                     outputs.append(item)
                     if item.finished:
-                        self.finished = True
+                        self.finished = ended = True
                         break
-                yield outputs
-                if self.finished:
+                if outputs:
+                    yield outputs
+                if ended:
                     return
         finally:
-            if not self.finished:
-                await self.abort()
+            self.abort_nowait()
 
-    async def abort(self) -> None:
+    def take_pending(self) -> list[RequestOutput]:
+        """The outputs that arrived but were not read yet (to account for them after an abort)."""
+        queue = self._stream.queue
+        found: list[RequestOutput] = []
+        while not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, RequestOutput):
+                found.append(item)
+        return found
+
+    def abort_nowait(self) -> None:
+        """Abort the request unless it finished: queued for the engine thread at once, applied
+        before its next step, and the reader of this stream stops."""
         if not self.finished:
             self.finished = True
-            await self.engine.abort(self.request_id)
+            self.engine.abort_nowait(self.request_id, self._stream)
+            self._stream.queue.put_nowait(_ABORTED)
+
+    async def abort(self) -> None:
+        """Abort, then wait until the engine thread has dropped the request."""
+        if not self.finished:
+            self.finished = True
+            self._stream.queue.put_nowait(_ABORTED)
+            await self.engine.abort(self.request_id, self._stream)
 
 
 class AsyncLLMEngine:
@@ -119,13 +153,24 @@ class AsyncLLMEngine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps and return its result (or raise its error)."""
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Queue `fn` to run on the engine thread between steps; thread-safe, never blocks.
+
+        The command is skipped if its future is cancelled before the engine thread reaches it.
+        """
         self.start()
         fut: Future[Any] = Future()
         self._commands.put((fn, fut))
         self._wakeup.set()
-        return await asyncio.wrap_future(fut)
+        return fut
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps and return its result (or raise its error).
+
+        Cancelling the caller cancels the command if it has not started: wrap_future passes the
+        cancellation on to the command's future. Commands that must happen (aborts) use `submit`.
+        """
+        return await asyncio.wrap_future(self.submit(fn))
 
     async def add_request(
         self,
@@ -142,6 +187,9 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop())
 
         def add() -> str:
+            # Never replace another request's stream: that request would hang, its client with it.
+            if request_id in self._streams or self.engine.scheduler.get_request(request_id) is not None:
+                raise ValueError(f"request id {request_id!r} is already in use")
             # Register the stream before the request can produce output.
             self._streams[request_id] = stream
             try:
@@ -159,7 +207,12 @@ class AsyncLLMEngine:
                 self._streams.pop(request_id, None)
                 raise
 
-        await self.call(add)
+        try:
+            await self.call(add)
+        except asyncio.CancelledError:
+            # The caller will never read this stream: if `add` ran after all, take the request back.
+            self.abort_nowait(request_id, stream)
+            raise
         return RequestStream(self, request_id, stream)
 
     async def generate(
@@ -180,12 +233,27 @@ class AsyncLLMEngine:
             # Closing this generator does not close the inner one; abort explicitly.
             await stream.abort()
 
-    async def abort(self, request_id: str) -> bool:
+    def abort_nowait(self, request_id: str, stream: _Stream | None = None) -> Future[bool]:
+        """Queue an abort for the engine thread (applied before its next step) without awaiting.
+
+        Nothing the caller awaits can cancel it, so it also works from code running in a cancelled
+        scope, such as the cleanup of a response whose client disconnected. With `stream`, only
+        the request registered with that very stream is aborted, never a later one of the same id.
+        """
+
         def do_abort() -> bool:
+            current = self._streams.get(request_id)
+            if stream is not None and current is not stream:
+                return False
             self._streams.pop(request_id, None)
             return self.engine.abort(request_id)
 
-        result: bool = await self.call(do_abort)
+        return self.submit(do_abort)
+
+    async def abort(self, request_id: str, stream: _Stream | None = None) -> bool:
+        """Abort and wait for the engine thread to apply it; cancelling the wait does not undo it."""
+        done = asyncio.wrap_future(self.abort_nowait(request_id, stream))
+        result: bool = await asyncio.shield(done)
         return result
 
     def _drain_commands(self) -> None:
