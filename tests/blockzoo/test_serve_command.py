@@ -15,8 +15,11 @@ import pytest
 from tests.router.live_server import free_port
 
 
-def start(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+def start(
+    data_dir: Path, port: int, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
     env = {**os.environ, "BLOCKZOO_DATA_DIR": str(data_dir), "BLOCKZOO_KV_CACHE_MEMORY": str(8 << 20)}
+    env.update(extra_env or {})
     env.pop("BLOCKZOO_ADMIN_KEY", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "blockzoo.cli", "serve", "--demo", "--port", str(port)],

@@ -1,0 +1,123 @@
+"""SIGTERM on `blockzoo serve`: the stream in flight finishes, a new request gets 503, the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.blockzoo.test_serve_command import start, wait_ready
+from tests.router.live_server import free_port
+
+DRAIN_TIMEOUT_S = 60
+LONG = 1500
+
+
+class Stream(threading.Thread):
+    """A long streamed completion read to its end in a thread: its chunks, [DONE] and usage."""
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.key = url, key
+        self.first_chunk = threading.Event()
+        self.done = False
+        self.completion_tokens = -1
+        self.error: str | None = None
+
+    def run(self) -> None:
+        body = {
+            "model": "demo-base",
+            "prompt": "drain me",
+            "max_tokens": LONG,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            with httpx.stream(
+                "POST", self.url + "/v1/completions", json=body, timeout=120,
+                headers={"Authorization": f"Bearer {self.key}"},
+            ) as resp:  # fmt: skip
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    self.first_chunk.set()
+                    data = line[len("data: ") :]
+                    if data == "[DONE]":
+                        self.done = True
+                    elif '"usage":{' in data.replace(" ", ""):
+                        usage = json.loads(data)["usage"]
+                        if usage:
+                            self.completion_tokens = usage["completion_tokens"]
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.first_chunk.set()
+
+
+def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, _ = start(tmp_path / "data", port, {"BLOCKZOO_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
+    try:
+        wait_ready(port)
+        key = json.loads((tmp_path / "data" / "demo_keys.json").read_text())["demo-alice"]
+        stream = Stream(url, key)
+        stream.start()
+        assert stream.first_chunk.wait(60) and stream.error is None
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health", timeout=5).json()["status"] != "draining":
+            assert time.monotonic() < deadline, "/health never said draining"
+            time.sleep(0.05)
+        assert httpx.get(url + "/ready", timeout=5).status_code == 503
+        refused = httpx.post(
+            url + "/v1/completions",
+            json={"model": "demo-base", "prompt": "late", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        # Refused while the long stream still runs: the socket was open and answered.
+        assert stream.is_alive(), "the stream ended before the drain could be observed; make it longer"
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["retry-after"] and refused.headers["connection"] == "close"
+        stream.join(DRAIN_TIMEOUT_S)
+        assert stream.error is None and stream.done and stream.completion_tokens == LONG
+        assert proc.wait(timeout=DRAIN_TIMEOUT_S) == 0
+        assert time.monotonic() - signalled < DRAIN_TIMEOUT_S
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_drain_timeout_cuts_off_what_still_runs(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, _ = start(tmp_path / "data", port, {"BLOCKZOO_DRAIN_TIMEOUT_S": "1"})
+    try:
+        wait_ready(port)
+        key = json.loads((tmp_path / "data" / "demo_keys.json").read_text())["demo-bob"]
+        streams = [Stream(url, key) for _ in range(4)]
+        for s in streams:
+            s.start()
+        assert all(s.first_chunk.wait(60) for s in streams)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        # One second of drain plus uvicorn's one-second grace, with slack for a busy machine.
+        assert time.monotonic() - signalled < 10
+        for s in streams:
+            s.join(30)
+        assert not all(s.done for s in streams), "the streams finished before the timeout; make them longer"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
