@@ -173,6 +173,9 @@ def admin_router(allowed_paths: Sequence[Path]) -> APIRouter:
         with zoo.sessions() as session, session.begin():
             if session.scalar(select(BaseModel.id).where(BaseModel.name == body.name)) is not None:
                 raise APIError(409, f"a base model named {body.name!r} already exists", code="conflict")
+            if session.scalar(select(Model.id).where(Model.name == body.name)) is not None:
+                # Tenants' /v1/models would list the id twice.
+                raise APIError(409, f"a tenant's model is named {body.name!r}", param="name", code="conflict")
             job_id = jobs.create_in(session, ADMIN, body.name)
         name = body.name
         jobs.start(
