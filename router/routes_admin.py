@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from router.auth import AdminDep, ServicesDep
 from router.errors import APIError
 from router.jobs import ACTIVE, JobOwner, JobsDep, write_audit
 from router.routes_models import model_rows
+from router.routes_usage import LimitParam, ModelParam, TimeParam, bounded_time, read_usage, usage_query
 from router.schemas import (
     ADMIN_JOB_LINKS,
     AuditOut,
@@ -43,7 +43,7 @@ from router.schemas import (
 )
 from router.uploads import bad_upload, check_model_folder, resolve_allowed_dir
 from zoo.catalog import tenants as catalog
-from zoo.catalog.models import AuditLog, BaseModel, Model, RegistrationJob, Tenant, Usage
+from zoo.catalog.models import AuditLog, BaseModel, Model, RegistrationJob, Tenant
 from zoo.catalog.types import ModelKind
 from zoo.names import validate_model_name
 from zoo.stats import zoo_stats
@@ -257,38 +257,14 @@ def admin_router(allowed_paths: Sequence[Path]) -> APIRouter:
         _: AdminDep,
         request: Request,
         services: ServicesDep,
-        tenant: str | None = None,
-        since: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        tenant: Annotated[str | None, Query(max_length=63)] = None,
+        since: TimeParam = None,
+        until: TimeParam = None,
+        model: ModelParam = None,
+        limit: LimitParam = 1000,
     ) -> ListOf[UsageOut]:
-        pending = getattr(request.app.state, "usage", None)
-        if pending is not None:
-            # Requests that finished since the last periodic write belong in the answer.
-            pending.flush()
-        query = (
-            select(Usage, Tenant.name, Model.name)
-            .join(Tenant, Usage.tenant_id == Tenant.id)
-            .join(Model, Usage.model_id == Model.id)
-            .order_by(Usage.hour.desc(), Tenant.name, Model.name)
-            .limit(limit)
-        )
-        if tenant is not None:
-            query = query.where(Tenant.name == tenant)
-        if since is not None:
-            query = query.where(Usage.hour >= (since if since.tzinfo else since.replace(tzinfo=UTC)))
-        with services.zoo.sessions() as session:
-            data = [
-                UsageOut(
-                    tenant=t,
-                    model=m,
-                    hour=u.hour,
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    requests=u.requests,
-                )
-                for u, t, m in session.execute(query)
-            ]
-        return ListOf[UsageOut](data=data)
+        query = usage_query(tenant, model, bounded_time(since, "since"), bounded_time(until, "until"), limit)
+        return ListOf[UsageOut](data=read_usage(request, services.zoo, query))
 
     @router.get("/stats")
     def stats(_: AdminDep, services: ServicesDep) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from router.quotas import build_quotas
 from router.routes_admin import admin_router
 from router.routes_health import router as health_router
 from router.routes_models import models_router
+from router.routes_usage import usage_router
 from router.services import Services
 from router.uploads import UploadLimits
 from router.usage import UsageRecorder
@@ -70,6 +71,7 @@ def build_server(settings: Settings) -> BuiltServer:
             health_router,
             admin_router(settings.register_paths),
             models_router(settings.register_paths, limits),
+            usage_router(),
         ],
         state={
             "quotas": quotas,
