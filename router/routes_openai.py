@@ -232,6 +232,8 @@ async def completions(
                 )
             yield "".join(parts).encode()
         tail = framer.usage(_usage(gen)) if include_usage else ""
+        # Accounted before the last chunk: a client that has read [DONE] finds its slot free again.
+        await admission.finish(gen)
         yield (tail + framer.done()).encode()
 
     return GenerationStream(stream(), gen, admission)
@@ -315,6 +317,8 @@ async def chat_completions(
                 )
             yield "".join(parts).encode()
         tail = framer.usage(_usage(gen)) if include_usage else ""
+        # Accounted before the last chunk: a client that has read [DONE] finds its slot free again.
+        await admission.finish(gen)
         yield (tail + framer.done()).encode()
 
     return GenerationStream(stream(), gen, admission)
