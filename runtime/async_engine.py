@@ -19,7 +19,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from runtime.chain import Chain
-from runtime.engine import LLMEngine
+from runtime.engine import LLMEngine, StepFailedError
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 
@@ -278,7 +278,17 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a bug in a step must not hang every client
+            except StepFailedError as exc:
+                # A bug hit this step's requests: they were aborted and get the error; the requests
+                # not in the step (waiting, or left out by the budget) go on.
+                log.error(
+                    "engine step failed; its requests were aborted",
+                    exc_info=exc.__cause__ or exc,
+                    extra={"request_ids": exc.request_ids},
+                )
+                self._fail_all(exc, exc.request_ids)
+                continue
+            except Exception as exc:  # the engine's own bookkeeping broke: no request can trust it
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
@@ -302,8 +312,14 @@ class AsyncLLMEngine:
             except RuntimeError:  # that loop is closed: its clients are gone
                 log.warning("dropping outputs for a closed event loop")
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for rid, stream in list(self._streams.items()):
-            stream.put(exc)
+    def _fail_all(self, exc: BaseException, request_ids: list[str] | None = None) -> None:
+        """Abort these requests (default: every one) and hand `exc` to their streams."""
+        for rid in list(self._streams) if request_ids is None else request_ids:
+            stream = self._streams.pop(rid, None)
             self.engine.abort(rid)
-        self._streams.clear()
+            if stream is None:
+                continue
+            try:
+                stream.put(exc)
+            except RuntimeError:  # that loop is closed: its client is gone
+                log.warning("dropping an error for a closed event loop", extra={"request_id": rid})

@@ -25,6 +25,7 @@ from runtime.sampler import Sampler
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
 from runtime.scheduler_config import SchedulerConfig, context_limit
+from runtime.scheduler_output import SchedulerOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -42,6 +43,15 @@ class EngineStats(NamedTuple):
     prefix_hits: int
     # Prompt tokens whose lower layers' KV came from another model's request (KV segments).
     cross_model_kv_hits: int = 0
+
+
+class StepFailedError(RuntimeError):
+    """A step raised: the requests it ran were aborted (their KV freed); the engine and every
+    other request go on. `request_ids` are those requests; the original error is `__cause__`."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"an engine step failed for {len(request_ids)} request(s)")
+        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -182,12 +192,35 @@ class LLMEngine:
         return bool(self.scheduler.has_unfinished)
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        """Run one step. If it raises, its requests are aborted and StepFailedError names them."""
+        try:
+            plan = self.scheduler.schedule()
+        except Exception as exc:
+            # The scheduler was working on the running requests (e.g. one that can never get pages).
+            raise self._fail(list(self.scheduler.running)) from exc
         # BlockLLM's speculative loading: fetch the blocks of queued requests while this step runs.
         for waiting in self.scheduler.waiting_head(self.settings.max_num_seqs):
             (waiting.chain or self.chain).prefetch()
         if plan.empty:
             return []
+        try:
+            return self._run(plan)
+        except Exception as exc:
+            raise self._fail([chunk.request for chunk in plan.chunks]) from exc
+
+    def _fail(self, requests: list[Request]) -> StepFailedError:
+        """Abort `requests` that are still scheduled (freeing their KV) after their step raised.
+
+        Their new KV pages may be half written, but pages join the prefix cache only after a whole
+        forward pass wrote them, so freeing them leaves nothing wrong behind. Every one of them is
+        named in the error, even one that finished before the step raised: its last output is lost.
+        """
+        for request in requests:
+            if self.scheduler.get_request(request.request_id) is request:
+                self.abort(request.request_id)
+        return StepFailedError(list(dict.fromkeys(r.request_id for r in requests)))
+
+    def _run(self, plan: SchedulerOutput) -> list[RequestOutput]:
         result = self.executor.execute(plan)
         self.scheduler.update_after_step(plan)
         sampled = self.sampler(result.logits, result.requests)
