@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from router.catalog_cache import key_digest
 from router.errors import APIError
 from router.principal import Principal
 from router.services import Services, get_services
@@ -51,7 +52,9 @@ async def require_tenant(request: Request, services: Annotated[Services, Depends
     if principal is not None:
         return principal
     generation = cache.generation
-    principal = await run_in_threadpool(_lookup, services, key)
+    principal = await run_in_threadpool(
+        services.last_principals.lookup, key_digest(key), lambda: _lookup(services, key)
+    )
     if principal is None:
         raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
     cache.put_principal(key, principal, generation)

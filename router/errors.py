@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.errors import BlockZooError, ModelLoadError, RequestError
@@ -54,10 +55,43 @@ def _response(err: APIError) -> JSONResponse:
     )
 
 
+# How long a client is told to wait before retrying while the catalog database is unreachable.
+DATABASE_RETRY_AFTER_S = 5
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the catalog database could not be reached or was lost
+    mid-query, rather than that a query was wrong."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def database_unavailable() -> APIError:
+    return APIError(
+        503,
+        "the catalog database is unavailable, so this request cannot be served now; inference on models"
+        " already in use goes on, and changes are refused until the database is back. Try again later.",
+        "server_error",
+        code="database_unavailable",
+        headers={"retry-after": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 def from_domain(exc: Exception) -> APIError:
-    """The API error for a domain exception (the caller's fault), or a 500 for anything else."""
+    """The API error for a domain exception (the caller's fault), a 503 when the catalog database is
+    unreachable, or a 500 for anything else."""
     if isinstance(exc, APIError):
         return exc
+    if is_database_unavailable(exc):
+        return database_unavailable()
     if isinstance(exc, NotFoundError | TenantNotFound):
         return APIError(404, str(exc), code="not_found")
     if isinstance(exc, DuplicateNameError | TenantExists | TenantHasModels):
@@ -100,7 +134,20 @@ def install_error_handlers(app: FastAPI) -> None:
             log.exception("unhandled error", extra={"path": request.url.path})
         return _response(err)
 
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        # Handled here rather than by the catch-all, which Starlette re-raises into the server's log.
+        err = from_domain(exc)
+        if err.code == "database_unavailable":
+            # An outage, not a bug: one line per refused request, without the traceback.
+            log.warning(
+                "catalog database unavailable", extra={"path": request.url.path, "error": type(exc).__name__}
+            )
+        elif err.status >= 500:
+            log.exception("unhandled error", extra={"path": request.url.path})
+        return _response(err)
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(sa_exc.SQLAlchemyError, database_error)
     app.add_exception_handler(BlockZooError, api_error)
     app.add_exception_handler(TenantError, api_error)
     app.add_exception_handler(SamplingParamsError, api_error)

@@ -89,7 +89,12 @@ async def _load(services: Services, inference: InferenceService, tenant: str, na
     generation = cache.generation
 
     def resolve_and_load() -> LoadedModel:
-        return inference.load(ref if ref is not None else inference.resolve(tenant, name))
+        if ref is None:
+            # While the catalog is unreachable, the last answer for this model keeps it served.
+            return inference.load(
+                services.last_models.require((tenant, name), lambda: inference.resolve(tenant, name))
+            )
+        return inference.load(ref)
 
     try:
         loaded = await run_in_threadpool(resolve_and_load)

@@ -81,11 +81,18 @@ class UsageBuffer:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        self.flush()
+        try:
+            self.flush()
+        except Exception as exc:
+            # Shutting down with the catalog unreachable: say what is lost, without failing the shutdown.
+            log.error(
+                "usage of %d requests could not be written: %s", self.pending_requests(), type(exc).__name__
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.flush()
-            except Exception:
-                log.exception("writing usage failed; will retry")
+            except Exception as exc:
+                # Kept for the next try; an unreachable catalog is not worth a traceback every interval.
+                log.warning("writing usage failed; will retry: %s", type(exc).__name__)

@@ -21,6 +21,7 @@ from tests.zoo.conftest import (  # noqa: F401
     migrated_url,
     pg_admin,
     pg_migrated_database,
+    pg_url,
     sqlite_migrated_template,
 )
 
