@@ -117,6 +117,31 @@ class Settings(BaseSettings):
         description="Usage is summed in memory and written to the catalog this often (and at shutdown).",
     )
 
+    # Untrusted input on the inference routes: body size, fan-out, chat templates, prompt preparation.
+    max_request_body_bytes: int = Field(
+        default=4 << 20,
+        gt=0,
+        description="Largest request body of the JSON routes; larger ones get 413 (multipart uploads have"
+        " max_upload_bytes instead).",
+    )
+    max_sequences_per_request: int = Field(
+        default=64, gt=0, description="Most sequences one completion request may ask for: prompts × n."
+    )
+    chat_template_timeout_s: float = Field(
+        default=1.0, gt=0.0, le=60.0, description="Longest a chat template may take to render one prompt."
+    )
+    chat_template_max_chars: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Most characters a chat template may output, and the largest value it may build.",
+    )
+    prompt_workers: int = Field(
+        default=2,
+        gt=0,
+        le=64,
+        description="Threads that render chat templates and tokenize prompts, off the event loop.",
+    )
+
     # Faults: what the server does when Redis or the catalog database goes away, and on SIGTERM.
     quota_redis_failure: Literal["local", "closed"] = Field(
         default="local",

@@ -10,12 +10,6 @@ from router.openai_schemas import ChatCompletionRequest, CompletionRequest
 from runtime.sampler import TokenLogprobs
 from runtime.sampling_params import SamplingParams
 
-# ChatML: what most chat models expect when a tokenizer ships no template of its own.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def sampling_params(
     req: CompletionRequest | ChatCompletionRequest,
@@ -42,15 +36,15 @@ def sampling_params(
     )
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest) -> str:
-    messages = [{"role": m.role, "content": m.text} for m in req.messages]
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else DEFAULT_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=False
-    )
-    if not isinstance(text, str):
-        raise TypeError("chat template did not render to text")
-    return text
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The conversation as plain dicts for the chat template (router/chat_template.py renders it)."""
+    messages: list[dict[str, Any]] = []
+    for m in req.messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.text}
+        if m.name is not None:
+            message["name"] = m.name
+        messages.append(message)
+    return messages
 
 
 def _token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:

@@ -19,12 +19,13 @@ from router.generation import ChoiceResult, Generation
 from router.inference import InferenceService, LoadedModel, get_inference
 from router.openai_format import (
     chat_logprobs,
-    chat_prompt,
+    chat_messages,
     completion_logprobs,
     sampling_params,
     usage,
 )
 from router.openai_schemas import ChatCompletionRequest, CompletionRequest
+from router.prompts import get_prompts
 from router.services import Services
 from router.sse_chunks import ChunkFramer
 from router.streaming import GenerationStream, client_gone, collect
@@ -106,7 +107,27 @@ async def _load(services: Services, inference: InferenceService, tenant: str, na
     return loaded
 
 
-def _completion_prompts(loaded: LoadedModel, req: CompletionRequest) -> list[list[int]]:
+def _check_sequences(services: Services, prompts: int, n: int) -> None:
+    """prompts × n engine sequences at most; the 400 names whichever of the two alone is too many."""
+    limit = services.settings.max_sequences_per_request
+    if prompts * n > limit:
+        param = "prompt" if prompts > limit else "n"
+        raise APIError(
+            400,
+            f"This request asks for {prompts} prompt(s) × n={n} = {prompts * n} sequences; the limit is {limit}.",
+            param=param,
+            code="invalid_value",
+        )
+
+
+def _prompt_count(req: CompletionRequest) -> int:
+    prompt = req.prompt
+    return 1 if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else len(prompt)
+
+
+async def _completion_prompts(
+    request: Request, inference: InferenceService, loaded: LoadedModel, req: CompletionRequest
+) -> list[list[int]]:
     prompt = req.prompt
     if isinstance(prompt, str):
         texts: list[str] | None = [prompt]
@@ -115,7 +136,7 @@ def _completion_prompts(loaded: LoadedModel, req: CompletionRequest) -> list[lis
     else:
         texts = None
     if texts is not None:
-        return [list(loaded.tokenizer.encode(t)) for t in texts]
+        return await get_prompts(request).encode_prompts(loaded.tokenizer, texts, inference.max_model_len(loaded))
     if prompt and isinstance(prompt[0], int):
         return [[p for p in prompt if isinstance(p, int)]]
     return [list(p) for p in prompt if isinstance(p, list)]
@@ -147,10 +168,9 @@ async def completions(
     services: ServicesDep,
     inference: InferenceDep,
 ) -> Any:
-    if body.suffix:
-        raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+    _check_sequences(services, _prompt_count(body), body.n)
     loaded = await _load(services, inference, principal.tenant, body.model)
-    prompts = _completion_prompts(loaded, body)
+    prompts = await _completion_prompts(request, inference, loaded, body)
     vocab = loaded.chain.config.vocab_size
     if any(t >= vocab for p in prompts for t in p):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
@@ -252,8 +272,11 @@ async def chat_completions(
     services: ServicesDep,
     inference: InferenceDep,
 ) -> Any:
+    _check_sequences(services, 1, body.n)
     loaded = await _load(services, inference, principal.tenant, body.model)
-    prompt = list(loaded.tokenizer.encode(chat_prompt(loaded.tokenizer, body), add_special_tokens=False))
+    prompt = await get_prompts(request).chat_ids(
+        loaded.tokenizer, chat_messages(body), inference.max_model_len(loaded)
+    )
     max_tokens = _max_tokens(inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt))
     top = body.top_logprobs or 0 if body.logprobs else None
     params = [sampling_params(body, max_tokens, top, j) for j in range(body.n)]

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from router.chat_template import check_folder_templates
 from router.errors import APIError
 from zoo.bounded_json import JsonLimitError, read_json_object, read_safetensors_header
 from zoo.peft_adapter import AdapterConfigError, check_lora_numbers
@@ -317,6 +318,7 @@ def check_model_folder(folder: Path) -> str:
             _json_object(folder / name)
     for name in weights:
         check_safetensors(folder / name)
+    check_folder_templates(folder)
     return kind
 
 
