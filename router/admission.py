@@ -49,7 +49,7 @@ class Admission:
             await self._account(gen, served)
 
     async def _account(self, gen: Generation, served: bool) -> None:
-        gen.settle()
+        await gen.settle()
         counts = gen.counts()
         prompt, completion = (counts.prompt_tokens, counts.completion_tokens) if served else (0, 0)
         state = self.request.app.state

@@ -21,6 +21,9 @@ from runtime.async_engine import RequestStream
 from runtime.outputs import RequestOutput
 from runtime.sampling_params import SamplingParams
 
+# How long accounting waits for the engine thread to apply an abort (normally under one step).
+ABORT_SETTLE_TIMEOUT_S = 5.0
+
 
 class ChoiceEvent(NamedTuple):
     """One step of one choice: which choice, and the engine's output for it."""
@@ -98,6 +101,8 @@ class Generation:
         # What each choice has produced so far; whoever reads `events()` folds its outputs in.
         self.results: list[ChoiceResult] = []
         self.client_gone = False
+        # Events the merge had taken from the streams but nobody read when it stopped.
+        self._unread: list[ChoiceEvent] = []
         self.timing = Timing()
 
     async def add(self, prompts: list[str | list[int]], params: list[SamplingParams]) -> None:
@@ -129,9 +134,14 @@ class Generation:
         for stream in self.streams:
             stream.abort_nowait()
 
-    def settle(self) -> None:
-        """Fold in the outputs that arrived but were never read, so an aborted request is charged
-        for the tokens the engine really generated."""
+    async def settle(self) -> None:
+        """Fold in the outputs that the engine generated but nobody read, so an aborted request is
+        charged for every token the engine really generated for it."""
+        for stream in self.streams:
+            await stream.abort_applied(ABORT_SETTLE_TIMEOUT_S)
+        for event in self._unread:
+            self.results[event.choice].update(event.output)
+        self._unread = []
         for stream, result in zip(self.streams, self.results, strict=False):
             for out in stream.take_pending():
                 result.update(out)
@@ -198,6 +208,10 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
+            while not queue.empty():
+                item = queue.get_nowait()
+                if isinstance(item, list):
+                    self._unread.extend(item)
 
     async def collect(self, http_request: Request | None) -> bool:
         """Run every choice to its end, folding the outputs into `results`. Returns False when the

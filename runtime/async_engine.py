@@ -8,6 +8,7 @@ GIL inside its kernels, so the event loop stays responsive while a step runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -62,6 +63,7 @@ class RequestStream:
         self.request_id = request_id
         self._stream = stream
         self.finished = False
+        self._aborting: Future[bool] | None = None
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         async with aclosing(self.batches()) as batches:
@@ -115,15 +117,24 @@ class RequestStream:
         before its next step, and the reader of this stream stops."""
         if not self.finished:
             self.finished = True
-            self.engine.abort_nowait(self.request_id, self._stream)
+            self._aborting = self.engine.abort_nowait(self.request_id, self._stream)
             self._stream.queue.put_nowait(_ABORTED)
+
+    async def abort_applied(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until the engine thread has applied this stream's abort. The
+        outputs of every step before it were handed to the event loop first, so by then they sit in
+        this stream's queue (`take_pending`). Cancelling the wait leaves the abort in place."""
+        if self._aborting is None or not self.engine.running:
+            return
+        done = asyncio.shield(asyncio.wrap_future(self._aborting))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, timeout_s)
 
     async def abort(self) -> None:
         """Abort, then wait until the engine thread has dropped the request."""
-        if not self.finished:
-            self.finished = True
-            self._stream.queue.put_nowait(_ABORTED)
-            await self.engine.abort(self.request_id, self._stream)
+        self.abort_nowait()
+        if self._aborting is not None:
+            await asyncio.shield(asyncio.wrap_future(self._aborting))
 
 
 class AsyncLLMEngine:

@@ -49,15 +49,37 @@ def problems() -> Iterator[list[logging.LogRecord]]:
             lg.removeHandler(handler)
 
 
+@pytest.fixture
+def generated_at_abort(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Engine request id -> tokens it had generated when the engine aborted it (a spy on the real
+    engine's abort, run on its own thread)."""
+    engine = stack.inference.engine_for(stack.inference.load(stack.inference.resolve("acme", "tiny-base")))
+    real_abort = engine.engine.abort
+    seen: dict[str, int] = {}
+
+    def abort(request_id: str) -> bool:
+        request = engine.engine.scheduler.get_request(request_id)
+        if request is not None:
+            seen[request_id] = request.num_output_tokens
+        return real_abort(request_id)
+
+    monkeypatch.setattr(engine.engine, "abort", abort)
+    return seen
+
+
 def settled(stack: Stack, tenant: str = "acme") -> bool:
     return stack.engine_idle() and stack.in_flight(tenant) == 0
 
 
-def assert_charged_as_generated(stack: Stack, before: tuple[int, int, int], seen: int) -> None:
-    """Usage, metrics and the tokens bucket agree on one request's tokens, and those are what was
-    generated: at least what the client saw, fewer than it asked for."""
+def assert_charged_as_generated(
+    stack: Stack, before: tuple[int, int, int], seen: int, generated: dict[str, int], n: int
+) -> None:
+    """Usage, metrics and the tokens bucket agree on one request's tokens, and those are exactly
+    what the engine had generated for its n choices when it aborted them."""
     prompt, completion, requests = (a - b for a, b in zip(stack.usage_rows("acme"), before, strict=True))
     assert requests == 1
+    assert len(generated) == n, generated
+    assert completion == sum(generated.values())
     assert 0 < completion < MAX_TOKENS and completion >= seen
     counters = stack.counters("acme")
     assert counters["blockzoo:generation_tokens_total"] == stack.usage_rows("acme")[1]
@@ -80,7 +102,7 @@ def body(n: int, stream: bool) -> dict[str, Any]:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_dropped_stream_is_aborted_freed_and_charged_for_what_ran(
-    stack: Stack, problems: list[logging.LogRecord], n: int
+    stack: Stack, problems: list[logging.LogRecord], generated_at_abort: dict[str, int], n: int
 ) -> None:
     assert wait_for(lambda: settled(stack), 5)
     before = stack.usage_rows("acme")
@@ -108,7 +130,7 @@ def test_dropped_stream_is_aborted_freed_and_charged_for_what_ran(
     # The freed slot stays freed: the abort did not race a late release or a double one.
     time.sleep(0.2)
     assert settled(stack)
-    assert_charged_as_generated(stack, before, seen)
+    assert_charged_as_generated(stack, before, seen, generated_at_abort, n)
     assert not problems, [r.getMessage() for r in problems]
 
 
@@ -136,7 +158,7 @@ def test_dropped_chat_stream_is_aborted(stack: Stack, problems: list[logging.Log
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_non_streaming_client_that_times_out_is_aborted_without_a_traceback(
-    stack: Stack, problems: list[logging.LogRecord], n: int
+    stack: Stack, problems: list[logging.LogRecord], generated_at_abort: dict[str, int], n: int
 ) -> None:
     assert wait_for(lambda: settled(stack), 5)
     before = stack.usage_rows("acme")
@@ -150,5 +172,5 @@ def test_non_streaming_client_that_times_out_is_aborted_without_a_traceback(
     gone = time.monotonic()
     assert wait_for(lambda: settled(stack), 1.0), stack.inference.stats()
     assert time.monotonic() - gone <= 1.0
-    assert_charged_as_generated(stack, before, 0)
+    assert_charged_as_generated(stack, before, 0, generated_at_abort, n)
     assert not problems, [r.getMessage() for r in problems]
