@@ -1,0 +1,127 @@
+"""The load benchmark's server: `blockzoo serve` in a child process over a prepared demo zoo.
+
+The server runs in its own process so that its resident memory (VmRSS) is its own and the clients do
+not compete with it for one GIL. The data folder is prepared here first: the demo zoo (a tiny base,
+three LoRA adapters, a partial fine-tune), a third tenant that uses only the base, and quotas far
+above the load, so that every request takes and gives back a real quota lease without being refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from transformers.utils import logging as transformers_logging
+
+from benchmarks.serving_workload import Target
+from blockzoo.demo_zoo import ADAPTERS, BASE, ensure_demo_zoo
+from blockzoo.settings import Settings
+from blockzoo.zoo_factory import open_zoo
+from zoo.catalog.database import factory_engine
+from zoo.catalog.tenants import TenantQuotas, create_tenant, set_quotas
+
+EXTRA_TENANT = "demo-carol"
+# Far above the load, so that no request is refused but every one takes and releases a lease.
+GENEROUS = TenantQuotas(requests_per_minute=10**7, tokens_per_minute=2 * 10**9, max_concurrent=10**5)
+READY_TIMEOUT_S = 120.0
+
+
+def prepare(data_dir: Path) -> list[Target]:
+    """Build the demo zoo and a third tenant in `data_dir`; the (model, key) pairs clients use."""
+    transformers_logging.disable_progress_bar()
+    settings = Settings(data_dir=data_dir, log_level="WARNING")
+    zoo = open_zoo(settings)
+    try:
+        keys = ensure_demo_zoo(settings, zoo)
+        with zoo.sessions() as session, session.begin():
+            _, keys[EXTRA_TENANT] = create_tenant(session, EXTRA_TENANT)
+            for tenant in keys:
+                set_quotas(session, tenant, GENEROUS)
+    finally:
+        factory_engine(zoo.sessions).dispose()
+    targets = [Target(model, keys[tenant], tenant) for tenant, model, _, _ in ADAPTERS]
+    targets.append(Target("bob-partial", keys["demo-bob"], "demo-bob"))
+    targets.extend(Target(BASE, keys[tenant], tenant) for tenant in sorted(keys))
+    return targets
+
+
+@dataclass
+class ServerProcess:
+    """A running `blockzoo serve`: its process, base URL and log file."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        """VmRSS of the server process, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, summed over labels, by sample name."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        return sums
+
+    def stop(self, timeout_s: float) -> tuple[int, float]:
+        """SIGTERM (a drain), then wait: the exit status and the seconds it took."""
+        start = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        return code, time.monotonic() - start
+
+    def log_lines(self, word: str) -> int:
+        return sum(1 for line in self.log_path.read_text(errors="replace").splitlines() if word in line)
+
+
+def start(data_dir: Path, port: int, env_overrides: dict[str, str]) -> ServerProcess:
+    """`blockzoo serve` on `port` over `data_dir`, once it answers /ready."""
+    env = {
+        **os.environ,
+        "BLOCKZOO_DATA_DIR": str(data_dir),
+        "BLOCKZOO_LOG_LEVEL": "WARNING",
+        **env_overrides,
+    }
+    env.pop("BLOCKZOO_ADMIN_KEY", None)
+    log_path = data_dir / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blockzoo.cli", "serve", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server never became ready")
