@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from blockzoo.settings import Settings
+from router.errors import APIError
 from router.schemas import JobOut
 from runtime.errors import BlockZooError
 from zoo.catalog.database import is_sqlite
@@ -188,8 +189,18 @@ class JobRunner:
         return staging
 
     def start(self, job_id: int, task: Task, staging: Path | None, owner: JobOwner, action: str) -> None:
-        """Queue `task` for the worker; `staging` (if any) is removed when it ends."""
-        future = self._pool.submit(self._run, job_id, task, staging, owner, action)
+        """Queue `task` for the worker; `staging` (if any) is removed when it ends.
+
+        After `shutdown` the job fails at once and the caller gets a 503 (the server is stopping)."""
+        try:
+            future = self._pool.submit(self._run, job_id, task, staging, owner, action)
+        except RuntimeError as exc:  # the pool was shut down
+            self._finish(job_id, None, "the server shut down before the job ran", owner, action)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise APIError(
+                503, "the server is shutting down; try again shortly", "server_error", code="shutting_down"
+            ) from exc
         self._futures[job_id] = future
         future.add_done_callback(lambda _: self._futures.pop(job_id, None))
 

@@ -14,14 +14,17 @@ that breaks after its 200 headers went out.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -29,7 +32,8 @@ from schemathesis.core.result import Ok
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from blockzoo.demo_zoo import ensure_demo_zoo
+from blockzoo.demo_zoo import BASE as DEMO_BASE
+from blockzoo.demo_zoo import ensure_demo_zoo, write_lora_adapter
 from blockzoo.settings import Settings
 from router.server import build_server
 
@@ -47,12 +51,20 @@ MODEL_NAMES = ("demo-base", "alice-support", "alice-sql", "bob-legal")
 TENANT_NAMES = (TENANT, "demo-bob")
 PATH_NAME_KEYS = ("model_name", "name")
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+FROM_PATH = "/v1/fine-tunes/from-path"
+TENANTS = "/admin/v1/tenants"
+_NAMES = itertools.count()
 # Below the demo base's vocabulary size, so wrapped token ids are valid prompts.
 VOCAB_FLOOR = 256
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens")
 Operation = APIOperation[Any, Any, Any, Any]
 TRACEBACK_MARKER = "Traceback (most recent call last)"
 REQUEST_TIMEOUT_S = 30
+# Stateful: scenarios of a few linked calls each, enough to walk every link while staying fast.
+STATEFUL_EXAMPLES = 80
+STATEFUL_STEPS = 6
+# Explicit links (registrations to their jobs) plus those inferred from the schema (tenants, keys, jobs).
+MIN_LINKS = 20
 
 
 class ServerLog(logging.Handler):
@@ -77,6 +89,8 @@ class FuzzServer:
 
     app: Any
     tenant_key: str
+    # A LoRA adapter folder for the demo base under the allowed roots: from-path bodies may name it.
+    adapter_dir: str
     log: ServerLog = field(default_factory=ServerLog)
 
     def auth_headers(self, path: str) -> dict[str, str]:
@@ -84,18 +98,24 @@ class FuzzServer:
         return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
+@contextmanager
+def _fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
+    roots = tmp_path_factory.mktemp("roots")
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("fuzz"),
         admin_key=ADMIN_KEY,
         kv_cache_memory=8 << 20,
         max_model_len=128,
-        register_paths=[],
+        register_paths=[roots],
     )
     built = build_server(settings)
-    keys = ensure_demo_zoo(settings, built.app.state.services.zoo)
-    server = FuzzServer(built.app, keys[TENANT])
+    zoo = built.app.state.services.zoo
+    keys = ensure_demo_zoo(settings, zoo)
+    base_config = roots / "base-config"
+    base_config.mkdir()
+    (base_config / "config.json").write_text(json.dumps(zoo.resolve(None, DEMO_BASE).raw_config))
+    adapter = write_lora_adapter(base_config, roots / "adapter", rank=4, targets=["q_proj"], seed=1)
+    server = FuzzServer(built.app, keys[TENANT], str(adapter))
     root = logging.getLogger()
     root.addHandler(server.log)
     try:
@@ -103,7 +123,14 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer
     finally:
         root.removeHandler(server.log)
         # Schemathesis started the app's lifespan on its first request; this runs its shutdown hooks.
+        # (Its pytest plugin also ends every lifespan after each test: hence one server per test.)
         shutdown_lifespans()
+
+
+@pytest.fixture
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
+    with _fuzz_server(tmp_path_factory) as server:
+        yield server
 
 
 def _in_vocab(prompt: Any) -> Any:
@@ -124,10 +151,26 @@ def _steer(body: dict[str, Any], model: str, stream: bool, tidy: bool) -> dict[s
     return steered
 
 
-def _steer_body(context: schemathesis.HookContext, body: Any) -> Any:
+def _fresh(path: str, adapter_dir: str = "") -> st.SearchStrategy[dict[str, Any]]:
+    """A body that creates something new each time it is drawn: a name never used before (drawn by a
+    counter, not by Hypothesis, so that replaying a scenario cannot collide with what it created)."""
+
+    def body(_: None) -> dict[str, Any]:
+        name = f"fuzz-{next(_NAMES)}"
+        return {"name": name, "path": adapter_dir} if path == FROM_PATH else {"name": name}
+
+    return st.builds(body, st.none())
+
+
+def _steer_body(context: schemathesis.HookContext, body: Any, adapter_dir: str = "") -> Any:
     """Inference bodies: often a real model name and a prompt it can take, sometimes streamed, and
     never more than a few output tokens; the generated body itself stays among the choices."""
     operation = context.operation
+    if operation is not None and operation.path == FROM_PATH and isinstance(body, dict) and adapter_dir:
+        # Mostly a real adapter folder, so that registrations start jobs for the stateful links to follow.
+        return st.one_of(st.just(body), _fresh(FROM_PATH, adapter_dir))
+    if operation is not None and operation.path == TENANTS and operation.method.upper() == "POST":
+        return st.one_of(st.just(body), _fresh(TENANTS))
     if operation is None or operation.path not in INFERENCE_PATHS or not isinstance(body, dict):
         return st.just(body)
     capped = dict(body)
@@ -152,15 +195,24 @@ def _steer_path(context: schemathesis.HookContext, params: dict[str, Any] | None
     return st.sampled_from([params, *({**params, key: n} for n in real)])
 
 
-def _operations(server: FuzzServer) -> list[Operation]:
+def _schema(server: FuzzServer) -> Any:
     # An explicit config, so a schemathesis.toml lying around cannot change this test. Sanitizing is off:
     # it would print "max_tokens": "[Filtered]" (any key with "token" in it) in the reproduction.
     config = schemathesis.Config.from_dict(
         {"request-timeout": REQUEST_TIMEOUT_S, "output": {"sanitization": {"enabled": False}}}
     )
     loaded = schemathesis.openapi.from_asgi("/openapi.json", server.app, config=config)
-    loaded.hook("flatmap_body")(_steer_body)
+
+    def steer_body(context: schemathesis.HookContext, body: Any) -> Any:
+        return _steer_body(context, body, server.adapter_dir)
+
+    loaded.hook("flatmap_body")(steer_body)
     loaded.hook("flatmap_path_parameters")(_steer_path)
+    return loaded
+
+
+def _operations(server: FuzzServer) -> list[Operation]:
+    loaded = _schema(server)
     operations = []
     for result in loaded.get_all_operations():
         if not isinstance(result, Ok):
@@ -215,6 +267,49 @@ def test_no_server_errors(fuzz_server: FuzzServer) -> None:
         except (Exception, BaseExceptionGroup) as exc:
             failures.append(f"{operation.label}: {_describe(exc)}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_stateful_sequences_get_no_server_errors(fuzz_server: FuzzServer) -> None:
+    """Sequences of calls chained by the schema's links (explicit ones, e.g. a registration's 202 to
+    its job, and those schemathesis infers, e.g. a created tenant to its reads, patches and deletes)."""
+    server = fuzz_server
+    machine = _schema(server).as_state_machine()
+    assert machine.schema.statistic.transitions.total >= MIN_LINKS, machine.schema.statistic.transitions
+
+    class Workflow(machine):  # type: ignore[misc, valid-type]
+        def before_call(self, case: Case[Operation]) -> None:
+            server.log.take()
+            # The tenant key the tenant routes run with stays valid: revoke the other tenant's keys.
+            params = case.path_parameters
+            if params is not None and params.get("name") == TENANT and case.method.upper() == "DELETE":
+                params["name"] = TENANT_NAMES[1]
+
+        def get_call_kwargs(self, case: Case[Operation]) -> dict[str, Any]:
+            return {"headers": server.auth_headers(case.path)}
+
+        def validate_response(
+            self, response: Any, case: Case[Operation], additional_checks: Any = None, **kwargs: Any
+        ) -> None:
+            try:
+                case.validate_response(response, checks=[not_a_server_error], transport_kwargs=kwargs or None)
+            except (Exception, BaseExceptionGroup) as exc:
+                exc.add_note(f"server log:\n{server.log.take() or '(nothing logged)'}")
+                raise
+            if TRACEBACK_MARKER in response.text:
+                raise AssertionError(f"the response leaks a stack trace:\n{response.text[:2000]}")
+
+    Workflow.run(
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES,
+            stateful_step_count=STATEFUL_STEPS,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[Phase.generate],
+            print_blob=False,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -264,3 +264,16 @@ def test_a_failed_job_error_shows_no_server_path(
     assert "adapter_model.safetensors" in job["error"]
     assert "/" not in job["error"], job["error"]
     assert str(env.settings.data_dir) not in json.dumps(job)
+
+
+def test_a_registration_after_the_job_runner_stopped_is_503_and_leaves_nothing(
+    env: Env, base_dir: Path, no_tracebacks: None
+) -> None:
+    acme = env.tenant("acme")
+    inside = fine_tune_top_layers(base_dir, env.allowed / "ft", layers=[0], seed=6)
+    env.jobs.shutdown()  # what a stopping server has done before its last requests are answered
+    r = env.client.post("/v1/fine-tunes/from-path", json={"name": "late", "path": str(inside)}, headers=acme)
+    assert_error(r, 503, "shutting_down")
+    assert list(env.uploads.iterdir()) == []
+    jobs = env.jobs.list(None)
+    assert [(j.model, j.status) for j in jobs] == [("late", "failed")]
