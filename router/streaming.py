@@ -22,7 +22,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from router.admission import Admission
 from router.generation import ChoiceResult, Generation
@@ -42,17 +42,22 @@ class GenerationStream(StreamingResponse):
         self._admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        failed = True
+        disconnected = False
+
+        async def noting_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
+
         try:
-            await super().__call__(scope, receive, send)
-            failed = False
+            await super().__call__(scope, noting_receive, send)
         except ClientDisconnect:
             # ASGI 2.4 servers report a gone client as a failed send rather than a disconnect.
-            failed = False
+            disconnected = True
         finally:
             gen = self._gen
-            if not failed and any(r.finish_reason is None for r in gen.results):
-                gen.client_gone = True
+            gen.client_gone = disconnected and any(r.finish_reason is None for r in gen.results)
             gen.abort()
             with anyio.CancelScope(shield=True):
                 # A generator left suspended at a `yield` (cancelled while sending) ends here, not

@@ -102,8 +102,13 @@ def body(n: int, stream: bool) -> dict[str, Any]:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_dropped_stream_is_aborted_freed_and_charged_for_what_ran(
-    stack: Stack, problems: list[logging.LogRecord], generated_at_abort: dict[str, int], n: int
+    stack: Stack,
+    problems: list[logging.LogRecord],
+    generated_at_abort: dict[str, int],
+    caplog: pytest.LogCaptureFixture,
+    n: int,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="router.admission")
     assert wait_for(lambda: settled(stack), 5)
     before = stack.usage_rows("acme")
     client = stack.client(timeout=30)
@@ -132,6 +137,10 @@ def test_dropped_stream_is_aborted_freed_and_charged_for_what_ran(
     assert settled(stack)
     assert_charged_as_generated(stack, before, seen, generated_at_abort, n)
     assert not problems, [r.getMessage() for r in problems]
+    finished = [r for r in caplog.records if r.getMessage() == "request finished"]
+    assert [(getattr(r, "client_gone", None), getattr(r, "finish_reason", None)) for r in finished] == [
+        (True, "abort")
+    ]
 
 
 def test_dropped_chat_stream_is_aborted(stack: Stack, problems: list[logging.LogRecord]) -> None:
