@@ -6,9 +6,11 @@ ASGI spec before 2.4, as uvicorn's HTTP servers announce) runs `stream_response`
 cancels that group's scope, and every await in code that unwinds inside it is cancelled again at
 once. An abort that awaited the engine thread was therefore cancelled itself: `asyncio.wrap_future`
 passed the cancellation on to the command's future, and the engine thread skipped the cancelled
-command, so the request ran on to `max_tokens`. If the cancellation landed in `send` instead, the
-generator was left suspended and never closed. And the accounting awaited in that `finally` was cut
-off after the lease release, so usage and metrics were never written.
+command, so the request ran on to `max_tokens` (the stream's own second abort was then a no-op, as
+it was marked aborted already). If the cancellation landed in `send` instead, the generator stayed
+suspended at its `yield` until the garbage collector finalized it. And the accounting awaited in
+that `finally` was cut off after the (shielded) lease release, so usage and metrics were never
+written.
 
 So aborting is synchronous (queued for the engine thread, nothing awaited), the response itself does
 the cleanup after the body ends however it ends, and accounting runs shielded (`Admission.finish`).
