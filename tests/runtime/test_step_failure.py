@@ -15,9 +15,8 @@ from blockzoo.settings import Settings
 from blockzoo.tiny_models import TinyModelCache
 from runtime.async_engine import AsyncLLMEngine
 from runtime.engine import LLMEngine, StepFailedError
-from runtime.executor import ExecutorOutput
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler_output import SchedulerOutput
+from runtime.scheduler_output import ExecutorOutput, SchedulerOutput
 from tests.runtime.engine_helpers import finish_all, random_prompts
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -36,7 +35,7 @@ class FailOnce:
         self.target = target
         self.after_steps = after_steps
         self.failed_step: list[str] | None = None
-        engine.executor.execute = self  # type: ignore[method-assign]
+        engine.executor.execute = self  # type: ignore[method-assign,assignment]
 
     def __call__(self, plan: SchedulerOutput) -> ExecutorOutput:
         result = self.real(plan)
