@@ -97,7 +97,11 @@ def test_two_instances_do_not_share_state() -> None:
     first.observe_request("acme", "m", 5, 5, 0.1, [0.1], 0.2, "stop")
     first.set_engine_stats(1, 1, 0.1, 10, 1, 1, 1)
     assert ("blockzoo:prompt_tokens_total", labels(model_name="m", tenant="acme")) in samples(first)
-    assert [name for name, _ in samples(second)] == []
+    # The quota metrics have no labels, so they always have a sample: a zero one here.
+    assert [name for name, _ in samples(second) if not name.startswith("blockzoo:quota_")] == []
+    first.set_quota_stats(leases_held=3, fallbacks_total=2)
+    assert b"blockzoo:quota_leases_held 0.0" in second.render()
+    assert b"blockzoo:quota_fallback_total 0.0" in second.render()
     assert b"blockzoo:num_requests_running" in second.render()  # described, with no samples
 
 
