@@ -23,6 +23,7 @@ from router.path_import import copy_into_staging
 from router.principal import Principal
 from router.schemas import (
     JOB_LINKS,
+    MAX_SUBSTITUTE_WITHIN,
     ChainEntryOut,
     Dedup,
     Deleted,
@@ -120,8 +121,10 @@ def _parse_form(fields: dict[str, str]) -> tuple[str, str | None, float | None, 
             substitute = float(fields["substitute_within"])
         except ValueError as exc:
             raise bad_upload("substitute_within must be a number", "substitute_within") from exc
-        if not substitute > 0:
-            raise bad_upload("substitute_within must be positive", "substitute_within")
+        if not 0 < substitute <= MAX_SUBSTITUTE_WITHIN:
+            raise bad_upload(
+                f"substitute_within must be above 0 and at most {MAX_SUBSTITUTE_WITHIN}", "substitute_within"
+            )
     flag = fields.get("compress_delta", "").strip().lower()
     if flag not in _BOOL:
         raise bad_upload("compress_delta must be true or false", "compress_delta")
@@ -369,7 +372,11 @@ _UPLOAD_DOC: dict[str, object] = {
                     "properties": {
                         "name": {"type": "string"},
                         "base": {"type": "string"},
-                        "substitute_within": {"type": "number"},
+                        "substitute_within": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "maximum": MAX_SUBSTITUTE_WITHIN,
+                        },
                         "compress_delta": {"type": "boolean"},
                         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     },

@@ -21,6 +21,8 @@ class _Body(BaseModel):
 MAX_INT32 = 2**31 - 1
 # Byte counts stay exact in JSON clients (doubles) up to 2^53.
 MAX_BYTES = 2**53
+# A relative output error bound: far past 1 every layer "fits"; the KL guard still applies below this.
+MAX_SUBSTITUTE_WITHIN = 10.0
 
 JobId = Annotated[int, Path(ge=1, le=MAX_INT32, description="a registration job's id")]
 # POST /v1/fine-tunes, /v1/fine-tunes/from-path and /admin/v1/base-models answer a job: follow it.
@@ -119,8 +121,8 @@ class PathRegistration(_Body):
 class FineTuneFromPath(PathRegistration):
     """POST /v1/fine-tunes/from-path."""
 
-    base: str | None = None
-    substitute_within: float | None = Field(default=None, gt=0)
+    base: str | None = Field(default=None, min_length=1, max_length=128)
+    substitute_within: float | None = Field(default=None, gt=0, le=MAX_SUBSTITUTE_WITHIN, allow_inf_nan=False)
     compress_delta: bool = False
 
 

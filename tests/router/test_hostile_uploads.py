@@ -277,3 +277,20 @@ def test_a_registration_after_the_job_runner_stopped_is_503_and_leaves_nothing(
     assert list(env.uploads.iterdir()) == []
     jobs = env.jobs.list(None)
     assert [(j.model, j.status) for j in jobs] == [("late", "failed")]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400", "-1", "11"])
+def test_non_finite_or_out_of_range_substitute_within_is_4xx(
+    env: Env, base_dir: Path, value: str, no_tracebacks: None
+) -> None:
+    acme = env.tenant("acme")
+    error = assert_error(upload(env, acme, "ft", base_dir, substitute_within=value), 400)
+    assert error["param"] == "substitute_within"
+    inside = fine_tune_top_layers(base_dir, env.allowed / "ft", layers=[0], seed=6)
+    number = {"inf": "Infinity", "nan": "NaN"}.get(value, value)
+    body = f'{{"name": "ft", "path": "{inside}", "substitute_within": {number}}}'
+    r = env.client.post(
+        "/v1/fine-tunes/from-path", content=body, headers={**acme, "Content-Type": "application/json"}
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert list(env.uploads.iterdir()) == []
