@@ -28,6 +28,7 @@ from router.openai_schemas import ChatCompletionRequest, CompletionRequest
 from router.prompts import get_prompts
 from router.services import Services
 from router.sse_chunks import ChunkFramer
+from router.stream_errors import with_error_event
 from router.streaming import GenerationStream, client_gone, collect
 from zoo.catalog.models import BaseModel, Model
 from zoo.catalog.types import ModelStatus
@@ -261,7 +262,7 @@ async def completions(
         await admission.finish(gen)
         yield (tail + framer.done()).encode()
 
-    return GenerationStream(stream(), gen, admission)
+    return GenerationStream(with_error_event(stream()), gen, admission)
 
 
 @router.post("/v1/chat/completions")
@@ -349,7 +350,7 @@ async def chat_completions(
         await admission.finish(gen)
         yield (tail + framer.done()).encode()
 
-    return GenerationStream(stream(), gen, admission)
+    return GenerationStream(with_error_event(stream()), gen, admission)
 
 
 def _usage(gen: Generation) -> dict[str, Any]:
