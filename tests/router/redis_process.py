@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -52,9 +53,19 @@ class RedisProcess:
 
     def stop(self) -> None:
         if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
             self._proc.kill()
             self._proc.wait(timeout=10)
             self._proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its socket but answers nothing, like a hung host."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True, socket_connect_timeout=0.5)

@@ -429,3 +429,33 @@ async def test_429_over_http_has_openai_shape_and_headers(harness: Harness) -> N
     assert limited.headers["x-ratelimit-limit-requests"] == "1"
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert limited.headers["x-ratelimit-limit-tokens"] == "50"
+
+
+async def test_a_hung_redis_costs_one_timeout_then_the_fallback_answers_at_once(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path, free_port())
+    server.start()
+    quotas = FallbackQuotas(
+        RedisQuotas(server.url, window_seconds=60.0, socket_timeout_s=0.5),
+        InProcessQuotas(60.0),
+        "local",
+        retry_s=5.0,
+    )
+    who = principal(rpm=100, concurrent=10, tenant_id=5)
+    try:
+        await (await quotas.acquire(who, 1)).release(1)
+        server.pause()
+        started = asyncio.get_running_loop().time()
+        first = await quotas.acquire(who, 1)
+        assert asyncio.get_running_loop().time() - started < 2.0
+        # Within retry_s the hung store is not asked again: no more timeouts to wait out.
+        started = asyncio.get_running_loop().time()
+        others = [await quotas.acquire(who, 1) for _ in range(5)]
+        assert asyncio.get_running_loop().time() - started < 0.2
+        assert quotas.fallbacks == 6
+        for lease in [first, *others]:
+            await lease.release(1)
+        assert quotas.held_leases() == 0
+    finally:
+        server.resume()
+        await quotas.close()
+        server.stop()
