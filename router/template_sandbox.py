@@ -222,7 +222,8 @@ def _sized(_: Context, value: str) -> str:
 
 @pass_context
 def _text(_: Context, value: str) -> str:
-    _budget().charge(len(value))
+    # Only a context filter is not folded at compile time: wrapped in one, literal text reaches
+    # `_finalize` at run time and is charged there like any {{ }} output.
     return value
 
 

@@ -72,6 +72,8 @@ def live(
         max_model_len=256,
         page_size=8,
         max_sequences_per_request=8,
+        # Longer than the /health bound, so a render on the event loop would show as a stall.
+        chat_template_timeout_s=2.0,
     )
     inference = InferenceService(settings, zoo)
     jobs = build_jobs(settings, zoo)
@@ -227,12 +229,13 @@ def test_large_prompt_is_refused_early_and_the_server_stays_responsive(
         for _ in range(3):
             with pytest.raises(openai.BadRequestError) as completions:
                 client(live).completions.create(model="tiny-base", prompt=prompt, max_tokens=2)
-            assert_error(completions.value, 400, "context_length_exceeded", "prompt")
+            # Refused by its length alone, before any tokenizing ("…longer than any 256-token text can be").
+            assert "256-token" in assert_error(completions.value, 400, "context_length_exceeded", "prompt")
             with pytest.raises(openai.BadRequestError) as chat:
                 client(live).chat.completions.create(
                     model="tiny-base", messages=[{"role": "user", "content": prompt}], max_tokens=2
                 )
-            assert_error(chat.value, 400, "context_length_exceeded", "messages")
+            assert "256-token" in assert_error(chat.value, 400, "context_length_exceeded", "messages")
     assert watch.polls > 0 and watch.worst < 1.0, f"/health took {watch.worst:.2f}s during 3 MB prompts"
 
 
