@@ -7,8 +7,10 @@ With "closed" a limited request gets a 503 that says why. Either way no quota le
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -145,3 +147,41 @@ def test_redis_down_closed_policy_answers_503_then_recovers(
         out = client(url, keys["busy"]).completions.create(model="base", prompt="a", max_tokens=2)
         assert out.usage is not None and out.usage.completion_tokens == 2
         assert metric(url, "blockzoo:quota_leases_held") == 0
+
+
+def test_redis_dies_under_streams_in_flight_and_no_lease_is_left(
+    tmp_path: Path, own_redis: RedisProcess, tiny_model_factory: TinyModelCache
+) -> None:
+    app, zoo, keys = build(tmp_path, own_redis.url, "local", tiny_model_factory)
+    busy = tenant_id(zoo, "busy")
+    started = threading.Barrier(17)
+
+    def stream(tokens: int, wait: bool) -> bool:
+        chunks = client(url, keys["busy"]).completions.create(
+            model="base", prompt="load", max_tokens=tokens, stream=True, extra_body={"ignore_eos": True}
+        )
+        finished = False
+        for i, chunk in enumerate(chunks):
+            if i == 0 and wait:
+                started.wait(timeout=60)
+            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+        return finished
+
+    with serve(app) as url, ThreadPoolExecutor(32) as pool:  # type: ignore[arg-type]
+        in_redis = [pool.submit(stream, 300, True) for _ in range(16)]
+        started.wait(timeout=60)
+        probe = own_redis.client()
+        assert int(probe.get(f"bz:q:{{{busy}}}:conc") or 0) == 16
+        own_redis.stop()
+        # Mid-load: new streams start under the fallback while the first ones run on.
+        in_fallback = [pool.submit(stream, 20, False) for _ in range(16)]
+        assert all(f.result(timeout=120) for f in in_redis + in_fallback)
+        assert metric(url, "blockzoo:quota_fallback_total") >= 16
+        # The Redis leases' releases could not be sent: held until Redis answers.
+        assert metric(url, "blockzoo:quota_leases_held") == 16
+        own_redis.start()
+        time.sleep(RETRY_S * 2)
+        client(url, keys["busy"]).completions.create(model="base", prompt="a", max_tokens=1)
+        assert metric(url, "blockzoo:quota_leases_held") == 0
+        # Redis came back empty: the replayed releases did not touch the new counter.
+        assert not own_redis.client().exists(f"bz:q:{{{busy}}}:conc")
