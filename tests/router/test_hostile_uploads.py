@@ -5,6 +5,7 @@ in the log), and failed jobs tell the tenant nothing about server paths.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from blockzoo.tiny_models import TinyModelCache
 from router.jobs import JobOwner
 from router.uploads import UploadLimits
 from runtime.errors import BlockZooError
+from tests.router.live_server import serve
+from tests.router.test_tenant_models_api import BASE as BASE_NAME
 from tests.router.test_tenant_models_api import Env, assert_error, finish, make_env, upload
 from tests.zoo.test_lora_oracle import make_adapter
 from tests.zoo.zoo_helpers import fine_tune_top_layers
@@ -248,6 +251,9 @@ def test_hostile_lora_is_refused_by_the_zoo_itself(env: Env, adapter_dir: Path, 
     with pytest.raises(BlockZooError) as caught:
         env.zoo.register("acme", "lora", folder)
     assert "lora_alpha" in str(caught.value)
+    (folder / "adapter_config.json").write_text(HOSTILE_JSON["deep"])
+    with pytest.raises(BlockZooError, match="adapter_config.json"):
+        env.zoo.register("acme", "lora", folder)
 
 
 # -- failed jobs do not show server paths ----------------------------------------------------------
@@ -294,3 +300,40 @@ def test_non_finite_or_out_of_range_substitute_within_is_4xx(
     )
     assert 400 <= r.status_code < 500, r.text
     assert list(env.uploads.iterdir()) == []
+
+
+def test_hostile_values_keep_the_keep_alive_connection_on_a_live_server(
+    env: Env, base_dir: Path, tmp_path: Path, no_tracebacks: None
+) -> None:
+    """A 500 made uvicorn drop the connection; every hostile value now answers 4xx on the same socket."""
+    acme = env.tenant("acme")
+    deep = _copy_of(base_dir, env.allowed / "deep")
+    (deep / "config.json").write_text(HOSTILE_JSON["deep"])
+    requests: list[tuple[str, str, dict[str, Any] | None, dict[str, str]]] = [
+        ("GET", f"/v1/jobs/{2**63}", None, acme),
+        ("GET", f"/admin/v1/jobs/{2**63}", None, env.admin()),
+        ("POST", "/admin/v1/tenants", {"name": "big", "max_storage_bytes": 2**70}, env.admin()),
+        ("PATCH", "/admin/v1/tenants/acme", {"tokens_per_minute": 2**70}, env.admin()),
+        ("POST", "/v1/fine-tunes/from-path", {"name": "p", "path": f"{env.allowed}/a\x00b"}, acme),
+        ("POST", "/v1/fine-tunes/from-path", {"name": "p", "path": f"{env.allowed}/{'x' * 300}"}, acme),
+        ("POST", "/v1/fine-tunes/from-path", {"name": "p", "path": f"{env.allowed}/deep"}, acme),
+        ("POST", "/v1/fine-tunes/from-path", {"name": BASE_NAME, "path": str(base_dir)}, acme),
+    ]
+    with serve(env.client.app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.connect()
+            sock = conn.sock
+            for method, path, body, headers in requests:
+                payload = json.dumps(body) if body is not None else None
+                conn.request(
+                    method, path, body=payload, headers={**headers, "Content-Type": "application/json"}
+                )
+                response = conn.getresponse()
+                text = response.read().decode()
+                assert 400 <= response.status < 500, (path, response.status, text)
+                assert str(env.allowed) not in text and str(tmp_path) not in text, text
+                assert conn.sock is sock, f"{method} {path} dropped the connection"
+        finally:
+            conn.close()
