@@ -252,7 +252,7 @@ def test_hostile_lora_is_refused_by_the_zoo_itself(env: Env, adapter_dir: Path, 
         env.zoo.register("acme", "lora", folder)
     assert "lora_alpha" in str(caught.value)
     (folder / "adapter_config.json").write_text(HOSTILE_JSON["deep"])
-    with pytest.raises(BlockZooError, match="adapter_config.json"):
+    with pytest.raises(BlockZooError, match=r"adapter_config\.json"):
         env.zoo.register("acme", "lora", folder)
 
 
