@@ -253,16 +253,21 @@ def validate_template(source: str, limits: RenderLimits | None = None) -> None:
                     raise
 
 
-def templates_in_folder(folder: Path) -> list[tuple[str, str]]:
+def templates_in_folder(folder: Path) -> list[tuple[str, str | None]]:
     """(file name, template text) for every chat template a tokenizer folder carries, in the places
-    transformers reads them from. Unreadable files are skipped: other checks report them."""
-    found: list[tuple[str, str]] = []
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
+    transformers reads them from; None for a template file that is not UTF-8 text. JSON files that do
+    not parse are skipped: the JSON checks of the upload report them."""
+    found: list[tuple[str, str | None]] = []
+    extra = folder / "additional_chat_templates"
+    jinja_files = [folder / "chat_template.jinja", *(sorted(extra.glob("*.jinja")) if extra.is_dir() else [])]
+    for jinja_file in jinja_files:
+        if not jinja_file.is_file():
+            continue
+        label = str(jinja_file.relative_to(folder))
         try:
-            found.append((jinja_file.name, jinja_file.read_text(encoding="utf-8")))
+            found.append((label, jinja_file.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError):
-            found.append((jinja_file.name, "{% invalid"))
+            found.append((label, None))
     for name, key in (("tokenizer_config.json", "chat_template"), ("chat_template.json", "chat_template")):
         path = folder / name
         if not path.is_file():
@@ -286,6 +291,8 @@ def templates_in_folder(folder: Path) -> list[tuple[str, str]]:
 def check_folder_templates(folder: Path) -> None:
     """Registration check: every chat template in `folder` validates (a 400 naming the file otherwise)."""
     for name, source in templates_in_folder(folder):
+        if source is None:
+            raise APIError(400, f"{name} is not UTF-8 text", param="files", code="invalid_chat_template")
         try:
             validate_template(source)
         except ChatTemplateError as exc:

@@ -301,3 +301,11 @@ def test_folder_check_reads_every_template_location(tmp_path: Path) -> None:
     with pytest.raises(APIError) as looped:
         check_folder_templates(tmp_path)
     assert "time limit" in looped.value.message
+
+
+def test_folder_check_covers_additional_templates(tmp_path: Path) -> None:
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(BOMBS["plus_doubling"])
+    with pytest.raises(APIError) as refused:
+        check_folder_templates(tmp_path)
+    assert refused.value.message.startswith("additional_chat_templates/tool_use.jinja:")
