@@ -108,6 +108,12 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One message of a conversation.
+
+    Other message fields are ignored: clients echo back what earlier responses held (`refusal`,
+    `annotations`, …), which changes nothing here. The fields whose loss would change the prompt
+    (`tool_calls`, `tool_call_id`, `function_call`, `audio`) are refused first by `check_messages`."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
