@@ -9,6 +9,7 @@ SIGTERM and checks that the server drains and exits 0.
 
     python -m benchmarks.load --quick     # 20 s
     python -m benchmarks.load             # 60 s
+    python -m benchmarks.load --quick --redis-outage   # quotas in Redis, killed and restarted mid-load
 
 It prints a table and, last, `headline: errors=… leaked_pages=… leaked_leases=… rss_growth=…`:
 errors are 5xx answers and streams broken by the server (ended without [DONE], or reset);
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load_server import ServerProcess, prepare, start
+from benchmarks.load_server import RedisServer, ServerProcess, prepare, start
 from benchmarks.loadgen import SSEEvents
 from benchmarks.raw_http import HTTPStatusError, post_stream
 from benchmarks.report import table
@@ -154,17 +155,32 @@ async def _sample_rss(server: ServerProcess, stop_at: float, into: list[tuple[fl
         await asyncio.sleep(RSS_INTERVAL_S)
 
 
+async def _redis_outage(store: RedisServer, duration_s: float) -> None:
+    """Redis killed a third of the way into the load and started again (empty) at two thirds."""
+    await asyncio.sleep(duration_s / 3)
+    await asyncio.to_thread(store.stop)
+    await asyncio.sleep(duration_s / 3)
+    await asyncio.to_thread(store.start)
+
+
 async def run_load(
-    server: ServerProcess, targets: list[Target], clients: int, duration_s: float, seed: int
+    server: ServerProcess,
+    targets: list[Target],
+    clients: int,
+    duration_s: float,
+    seed: int,
+    store: RedisServer | None = None,
 ) -> tuple[Tally, list[tuple[float, int]], float]:
     url = server.url + "/v1/completions"
     tally = Tally()
     rss: list[tuple[float, int]] = []
     stop_at = time.monotonic() + duration_s
     started = time.monotonic()
-    sampler = asyncio.create_task(_sample_rss(server, stop_at, rss))
+    background = [asyncio.create_task(_sample_rss(server, stop_at, rss))]
+    if store is not None:
+        background.append(asyncio.create_task(_redis_outage(store, duration_s)))
     await asyncio.gather(*(_client(url, targets, seed + i, stop_at, tally) for i in range(clients)))
-    await sampler
+    await asyncio.gather(*background)
     return tally, rss, time.monotonic() - started
 
 
@@ -225,20 +241,35 @@ def main() -> None:
     ap.add_argument(
         "--kv-cache-memory", default=str(256 << 20), help="BLOCKZOO_KV_CACHE_MEMORY for the server"
     )
+    ap.add_argument(
+        "--redis-outage",
+        action="store_true",
+        help="quotas in a redis-server that is killed a third of the way in and restarted at two thirds",
+    )
     args = ap.parse_args()
     duration = args_duration(args)
     data_dir = Path(tempfile.mkdtemp(prefix="bz-load-"))
+    store: RedisServer | None = None
     try:
         targets = prepare(data_dir)
-        server = start(data_dir, free_port(), {"BLOCKZOO_KV_CACHE_MEMORY": args.kv_cache_memory})
+        env = {"BLOCKZOO_KV_CACHE_MEMORY": args.kv_cache_memory}
+        if args.redis_outage:
+            store = RedisServer(data_dir, free_port())
+            store.start()
+            env |= {"BLOCKZOO_REDIS_URL": store.url, "BLOCKZOO_QUOTA_REDIS_RETRY_S": "0.5"}
+        server = start(data_dir, free_port(), env)
         try:
             warm_up(server, targets)
-            tally, rss, elapsed = _runner()(run_load(server, targets, args.clients, duration, args.seed))
+            load = run_load(server, targets, args.clients, duration, args.seed, store)
+            tally, rss, elapsed = _runner()(load)
             idle = wait_idle(server)
+            redis_in_flight = store.in_flight() if store is not None else 0
         finally:
             code, stop_s = server.stop(timeout_s=60)
-        report(args, targets, tally, rss, elapsed, idle, code, stop_s, server)
+        report(args, targets, tally, rss, elapsed, idle, code, stop_s, server, redis_in_flight)
     finally:
+        if store is not None:
+            store.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -252,10 +283,12 @@ def report(
     exit_code: int,
     stop_s: float,
     server: ServerProcess,
+    redis_in_flight: int,
 ) -> None:
     pages_total = int(idle.get("blockzoo:kv_pages_total", 0))
     leaked_pages = pages_total - int(idle.get("blockzoo:kv_pages_free", 0))
-    leaked_leases = int(idle.get("blockzoo:quota_leases_held", 0))
+    # Leases this process still holds, and any concurrency still counted in Redis.
+    leaked_leases = int(idle.get("blockzoo:quota_leases_held", 0)) + redis_in_flight
     errors = tally.server_errors + tally.broken_streams
     growth = rss_growth(rss)
     requests = tally.completed + tally.hung_up + tally.rejected_4xx + errors
@@ -279,6 +312,10 @@ def report(
         ["server RSS first / last sample (MiB)",
          f"{rss[0][1] / 2**20:.0f} / {rss[-1][1] / 2**20:.0f}" if rss else "-"],
         ["tracebacks in the server log", server.log_lines("Traceback")],
+        ["Redis killed at 1/3, restarted at 2/3 of the load", "yes" if args.redis_outage else "no"],
+        ["requests decided without Redis (quota fallback)",
+         f"{idle.get('blockzoo:quota_fallback_total', 0):.0f}"],
+        ["in-flight counted in Redis once idle", redis_in_flight if args.redis_outage else "-"],
         ["SIGTERM: exit status, seconds", f"{exit_code}, {stop_s:.1f}"],
     ]  # fmt: skip
     print(table(["measure", "value"], rows))

@@ -9,6 +9,7 @@ above the load, so that every request takes and gives back a real quota lease wi
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as transformers_logging
 
@@ -93,6 +95,60 @@ class ServerProcess:
 
     def log_lines(self, word: str) -> int:
         return sum(1 for line in self.log_path.read_text(errors="replace").splitlines() if word in line)
+
+
+class RedisServer:
+    """A `redis-server` without persistence that the benchmark stops and starts again mid-load."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("--redis-outage needs redis-server on PATH (run `make services`)")
+        self.command = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.folder = folder
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            self.command, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        raise RuntimeError("redis-server did not answer PING")
+
+    def in_flight(self) -> int:
+        """The sum of every tenant's in-flight counter in Redis."""
+        client = redis.Redis.from_url(self.url, decode_responses=True)
+        try:
+            return sum(int(client.get(key) or 0) for key in client.scan_iter("bz:q:*:conc"))
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
 
 
 def start(data_dir: Path, port: int, env_overrides: dict[str, str]) -> ServerProcess:

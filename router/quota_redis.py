@@ -202,7 +202,10 @@ class RedisQuotas(BucketQuotas):
 
     async def _give_back(self, tenant_id: int, limits: Limits, refund: int, epoch: str | None) -> None:
         release = _PendingRelease(tenant_id, limits, refund, epoch)
-        if not await self._send(release):
+        if await self._send(release):
+            # Redis answers again: send what waited, even if no new request comes to do it.
+            await self._send_pending()
+        else:
             log.warning(
                 "quota store unreachable: the release of a lease is kept until it answers",
                 extra={"tenant_id": tenant_id},

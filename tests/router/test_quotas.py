@@ -459,3 +459,22 @@ async def test_a_hung_redis_costs_one_timeout_then_the_fallback_answers_at_once(
         server.resume()
         await quotas.close()
         server.stop()
+
+
+async def test_a_kept_release_is_sent_by_the_next_release_too(redis_url: str) -> None:
+    # After a load ends no new request may come to send a kept release; the last releases must.
+    quotas = RedisQuotas(redis_url, window_seconds=60.0)
+    who = principal(rpm=100, concurrent=5, tenant_id=6)
+    probe = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        first, second = await quotas.acquire(who, 1), await quotas.acquire(who, 1)
+        real = quotas._release
+        quotas._release = quotas._redis.register_script("return redis.error_reply('ERR outage')")
+        await first.release(1)
+        quotas._release = real
+        assert probe.get("bz:q:{6}:conc") == "2" and quotas.held_leases() == 2
+        await second.release(1)
+        assert not probe.exists("bz:q:{6}:conc") and quotas.held_leases() == 0
+    finally:
+        probe.close()
+        await quotas.close()
