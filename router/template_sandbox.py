@@ -275,6 +275,8 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(finalize=_finalize, **kwargs)
+        # lipsum(n) builds n paragraphs inside one call, past any check between calls; no chat template uses it.
+        self.globals.pop("lipsum", None)
         self.filters = {name: _guard_filter(name, func) for name, func in self.filters.items()}
         self.filters.update({"bz_loop": _loop_guard, "bz_sized": _sized, "bz_text": _text})
 

@@ -257,6 +257,10 @@ def test_sandbox_still_refuses_python_internals(templates: ChatTemplates) -> Non
     assert escape.value.kind == "invalid"
     with pytest.raises(ChatTemplateError):
         templates.render("{% set ns = namespace(_x=1) %}", CONVERSATIONS[0], {})
+    # lipsum(100000) spends seconds and 160 MiB inside one call, where no check runs: it is not offered.
+    with pytest.raises(ChatTemplateError) as lipsum:
+        templates.render("{{ lipsum(100000) }}", CONVERSATIONS[0], {})
+    assert lipsum.value.kind == "invalid" and "lipsum" in lipsum.value.message
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
