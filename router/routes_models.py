@@ -294,7 +294,8 @@ def _summary(model: Model, tenant: str | None, base: str | None) -> ModelOut:
         base=None if model.kind == ModelKind.BASE else base,
         created_at=model.created_at,
         naive_bytes=model.naive_bytes,
-        bytes_beyond_base=model.stored_bytes_new,
+        # A base is its own base; a fine-tune's figure is what registry charged it (zoo.tenant_charge).
+        bytes_beyond_base=0 if model.kind == ModelKind.BASE else model.stored_bytes_new,
     )
 
 
