@@ -20,7 +20,9 @@ import pytest
 from sqlalchemy import select
 
 from blockzoo.tiny_models import TinyModelCache
+from router.errors import APIError
 from router.jobs import JobOwner
+from router.path_import import copy_into_staging
 from router.uploads import UploadLimits
 from runtime.errors import BlockZooError
 from tests.router.live_server import serve
@@ -337,3 +339,19 @@ def test_hostile_values_keep_the_keep_alive_connection_on_a_live_server(
                 assert conn.sock is sock, f"{method} {path} dropped the connection"
         finally:
             conn.close()
+
+
+def test_staging_copy_checks_where_the_opened_folder_really_is(base_dir: Path, tmp_path: Path) -> None:
+    """The folder is resolved, then opened: a parent swapped for a link in between must not lead outside."""
+    roots = [tmp_path / "roots"]
+    roots[0].mkdir()
+    outside = fine_tune_top_layers(base_dir, tmp_path / "outside" / "ft", layers=[0], seed=6)
+    (roots[0] / "swapped").symlink_to(outside.parent, target_is_directory=True)
+    limits = UploadLimits(8 << 20, 16 << 20)
+    with pytest.raises(APIError) as caught:
+        copy_into_staging(roots[0] / "swapped" / "ft", roots, tmp_path / "staging", limits)
+    assert caught.value.status == 400 and "outside" in caught.value.message
+    assert not (tmp_path / "staging").exists()
+    inside = fine_tune_top_layers(base_dir, roots[0] / "ft", layers=[0], seed=6)
+    copied = copy_into_staging(inside, roots, tmp_path / "staging", limits)
+    assert sorted(copied) == sorted(p.name for p in inside.iterdir())
