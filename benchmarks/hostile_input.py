@@ -157,6 +157,10 @@ def attacks(url: str, key: str, quick: bool) -> dict[str, Callable[[], httpx.Res
         json.dumps({"model": "tiny-base", "prompt": big, "max_tokens": 2}, ensure_ascii=False),
     )
     out["3 MB chat message"] = chat(big, "tiny-base")
+    out["1.8M token ids (3.6 MB)"] = post(
+        "/v1/completions",
+        json.dumps({"model": "tiny-base", "prompt": [1] * 1_800_000}, separators=(",", ":")),
+    )
     out["5 MB body"] = post("/v1/completions", json.dumps({"model": "tiny-base", "prompt": "x" * (5 * MiB)}))
     out["lone surrogate prompt"] = post("/v1/completions", '{"model": "tiny-base", "prompt": "\\ud800"}')
     out["NaN temperature"] = post(

@@ -239,6 +239,18 @@ def test_large_prompt_is_refused_early_and_the_server_stays_responsive(
     assert watch.polls > 0 and watch.worst < 1.0, f"/health took {watch.worst:.2f}s during 3 MB prompts"
 
 
+def test_large_token_id_prompt_keeps_the_server_responsive(
+    live: dict[str, Any], no_errors_logged: None
+) -> None:
+    # 1.8 million token ids fill most of the 4 MiB body limit; validating them must not hold the loop.
+    body = json.dumps({"model": "tiny-base", "prompt": [1] * 1_800_000}, separators=(",", ":")).encode()
+    with HealthWatch(live["url"]) as watch:
+        for _ in range(3):
+            too_long = raw_post(live, "/v1/completions", body)
+            assert_error(too_long, 400, "context_length_exceeded", "prompt")
+    assert watch.polls > 0 and watch.worst < 1.0, f"/health took {watch.worst:.2f}s during token-id prompts"
+
+
 def test_oversized_body_is_a_413(live: dict[str, Any], no_errors_logged: None) -> None:
     body = json.dumps({"model": "tiny-base", "prompt": "x" * (5 * MiB), "max_tokens": 1}).encode()
     assert_error(raw_post(live, "/v1/completions", body), 413, "request_too_large", None)
@@ -377,10 +389,14 @@ HOSTILE_BODIES = {
     "huge_prompt_token": ("/v1/completions", '{"model": "tiny-base", "prompt": [1, ' + "9" * 4000 + "]}", 422, None),
     "5000_digit_int": ("/v1/completions", '{"model": "tiny-base", "prompt": "a", "seed": ' + "9" * 5000 + "}", 400, None),
     "deep_json": ("/v1/completions", '{"model": "tiny-base", "prompt": "a", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
-    "deep_but_parseable": (
-        "/v1/completions", '{"model": "tiny-base", "prompt": "a", "metadata": {"k": ' + "[" * 500 + "]" * 500 + "}}", 400,
-        "metadata",
+    "deep_but_parseable": ("/v1/completions", '{"model": "tiny-base", "prompt": ' + "[" * 500 + "]" * 500 + "}", 422, None),
+    "surrogate_content_part": (
+        "/v1/chat/completions",
+        '{"model": "tiny-base", "messages": [{"role": "user", "content": [{"type": "text", "text": ' + LONE + "}]}]}",
+        400,
+        "messages[0].content[0].text",
     ),
+    "surrogate_unknown_key": ("/v1/completions", '{"model": "tiny-base", "prompt": "a", "\\udc00x": 1}', 400, "\\udc00x"),
 }  # fmt: skip
 
 
