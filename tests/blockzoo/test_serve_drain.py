@@ -27,6 +27,7 @@ class Stream(threading.Thread):
         self.done = False
         self.completion_tokens = -1
         self.error: str | None = None
+        self.error_code: str | None = None
 
     def run(self) -> None:
         body = {
@@ -50,6 +51,8 @@ class Stream(threading.Thread):
                     data = line[len("data: ") :]
                     if data == "[DONE]":
                         self.done = True
+                    elif data.startswith('{"error"'):
+                        self.error_code = json.loads(data)["error"]["code"]
                     elif '"usage":{' in data.replace(" ", ""):
                         usage = json.loads(data)["usage"]
                         if usage:
@@ -98,7 +101,7 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(tmp_path: Pat
             proc.wait(timeout=30)
 
 
-def test_drain_timeout_cuts_off_what_still_runs(tmp_path: Path) -> None:
+def test_drain_timeout_ends_what_still_runs_with_an_error_event(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc, _ = start(tmp_path / "data", port, {"BLOCKZOO_DRAIN_TIMEOUT_S": "1"})
@@ -116,7 +119,11 @@ def test_drain_timeout_cuts_off_what_still_runs(tmp_path: Path) -> None:
         assert time.monotonic() - signalled < 10
         for s in streams:
             s.join(30)
-        assert not all(s.done for s in streams), "the streams finished before the timeout; make them longer"
+        cut = [s for s in streams if s.error_code is not None]
+        assert cut, "the streams finished before the timeout; make them longer"
+        # Cut streams end cleanly: an error event that says why, then [DONE]; no reset connection.
+        assert all(s.error is None and s.done for s in streams), [s.error for s in streams]
+        assert {s.error_code for s in cut} == {"shutting_down"}
     finally:
         if proc.poll() is None:
             proc.kill()
