@@ -19,6 +19,8 @@ from router.errors import APIError
 from router.uploads import UploadLimits, bad_upload, check_file_name, too_large
 
 COPY_CHUNK = 1 << 20
+# The one sub-folder a model folder may carry (transformers' extra named chat templates).
+EXTRA_TEMPLATES = "additional_chat_templates"
 
 
 def _within(real: str, roots: Sequence[Path]) -> bool:
@@ -68,29 +70,51 @@ def _copy_one(dir_fd: int, name: str, dest: Path, limits: UploadLimits, budget: 
     return copied
 
 
-def copy_into_staging(folder: Path, roots: Sequence[Path], dest: Path, limits: UploadLimits) -> list[str]:
-    """Copy the model files of `folder` into the new folder `dest` (removed again on any error).
+def _copy_files(
+    dir_fd: int, dest: Path, limits: UploadLimits, budget: int, copied: list[str], prefix: str = ""
+) -> int:
+    """Copy the model files directly in the open folder `dir_fd` into `dest`; returns the budget left.
 
-    Files whose names an upload would refuse (README.md, .gitattributes, ...) are skipped, as are
-    sub-folders: the zoo reads neither.
+    Names an upload would refuse (README.md, .gitattributes, ...) are skipped, and so are sub-folders
+    other than the one for extra chat templates, which transformers reads and the zoo keeps.
     """
+    for name in sorted(os.listdir(dir_fd)):
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            if not prefix and name == EXTRA_TEMPLATES:
+                sub_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+                try:
+                    (dest / name).mkdir()
+                    budget = _copy_files(sub_fd, dest / name, limits, budget, copied, f"{name}/")
+                finally:
+                    os.close(sub_fd)
+            continue
+        try:
+            check_file_name(name)
+        except APIError:
+            continue
+        if prefix and not name.endswith(".jinja"):
+            continue
+        if len(copied) >= limits.max_files:
+            raise bad_upload(f"too many files: at most {limits.max_files} per model folder", "path")
+        budget -= _copy_one(dir_fd, name, dest / name, limits, budget)
+        copied.append(prefix + name)
+    return budget
+
+
+def copy_into_staging(folder: Path, roots: Sequence[Path], dest: Path, limits: UploadLimits) -> list[str]:
+    """Copy the model files of `folder` into the new folder `dest` (removed again on any error); returns
+    their names, relative to `folder`."""
     dir_fd = _open_folder(folder, roots)
     dest.mkdir(parents=True, exist_ok=False)
     copied: list[str] = []
     try:
-        budget = limits.max_upload_bytes
-        for name in sorted(os.listdir(dir_fd)):
-            try:
-                check_file_name(name)
-            except APIError:
-                continue
-            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                continue
-            if len(copied) >= limits.max_files:
-                raise bad_upload(f"too many files: at most {limits.max_files} per model folder", "path")
-            budget -= _copy_one(dir_fd, name, dest / name, limits, budget)
-            copied.append(name)
+        try:
+            _copy_files(dir_fd, dest, limits, limits.max_upload_bytes, copied)
+        except OSError as exc:  # an entry vanished or changed kind while being copied
+            raise bad_upload(
+                "the folder changed or could not be read while it was being copied", "path"
+            ) from exc
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -353,5 +353,21 @@ def test_staging_copy_checks_where_the_opened_folder_really_is(base_dir: Path, t
     assert caught.value.status == 400 and "outside" in caught.value.message
     assert not (tmp_path / "staging").exists()
     inside = fine_tune_top_layers(base_dir, roots[0] / "ft", layers=[0], seed=6)
+    model_files = sorted(p.name for p in inside.iterdir())
+    (inside / "additional_chat_templates").mkdir()
+    (inside / "additional_chat_templates" / "tools.jinja").write_text("{{ messages }}")
+    (inside / "other").mkdir()
+    (inside / "other" / "config.json").write_text("{}")
+    (inside / "README.md").write_text("not a model file")
     copied = copy_into_staging(inside, roots, tmp_path / "staging", limits)
-    assert sorted(copied) == sorted(p.name for p in inside.iterdir())
+    assert sorted(copied) == sorted([*model_files, "additional_chat_templates/tools.jinja"])
+    assert (
+        tmp_path / "staging" / "additional_chat_templates" / "tools.jinja"
+    ).read_text() == "{{ messages }}"
+    assert not (tmp_path / "staging" / "other").exists()
+    # A link among the extra templates is refused like any other.
+    (inside / "additional_chat_templates" / "evil.jinja").symlink_to(outside / "config.json")
+    with pytest.raises(APIError) as caught:
+        copy_into_staging(inside, roots, tmp_path / "staging2", limits)
+    assert caught.value.status == 400 and "evil.jinja" in caught.value.message
+    assert not (tmp_path / "staging2").exists()
