@@ -16,6 +16,7 @@ from router.errors import APIError
 from router.openai_screen import (
     CHAT_UNSUPPORTED,
     COMPLETION_UNSUPPORTED,
+    check_message_count,
     check_messages,
     check_parameters,
     check_text,
@@ -61,8 +62,10 @@ class _Sampling(BaseModel):
     @classmethod
     def _screen(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            check_text(data)
             chat = "messages" in cls.model_fields
+            if chat:
+                check_message_count(data.get("messages"))
+            check_text(data)
             check_parameters(data, cls.model_fields, CHAT_UNSUPPORTED if chat else COMPLETION_UNSUPPORTED)
             if chat:
                 check_messages(data.get("messages"))

@@ -63,6 +63,7 @@ MESSAGE_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_CHAT_ITEMS = 4096
 
 
 def unsupported(param: str, message: str | None = None) -> APIError:
@@ -113,17 +114,27 @@ def check_text(data: dict[str, Any]) -> None:
     messages = data.get("messages")
     if type(messages) is not list:
         return
+    texts = [text for message in messages for _, text in _message_texts(message)]
+    if _lone_surrogate(texts) is None:
+        return
     for i, message in enumerate(messages):
-        if type(message) is not dict:
-            continue
-        for key in ("role", "name", "content"):
-            value = message.get(key)
-            parts = value if type(value) is list else [value]
-            texts = [p.get("text") if type(p) is dict else p for p in parts]
-            index = _lone_surrogate(texts)
-            if index is not None:
-                where = f"messages[{i}].{key}" + (f"[{index}].text" if type(value) is list else "")
-                raise _surrogate_error(where)
+        for where, text in _message_texts(message):
+            if _SURROGATE.search(text):
+                raise _surrogate_error(f"messages[{i}].{where}")
+
+
+def _message_texts(message: Any) -> list[tuple[str, str]]:
+    """(where, text) for every string of one message that reaches the prompt."""
+    if type(message) is not dict:
+        return []
+    out = [(key, message[key]) for key in ("role", "name", "content") if type(message.get(key)) is str]
+    if type(message.get("content")) is list:
+        out.extend(
+            (f"content[{j}].text", part["text"])
+            for j, part in enumerate(message["content"])
+            if type(part) is dict and type(part.get("text")) is str
+        )
+    return out
 
 
 def _printable(name: str) -> str:
@@ -146,6 +157,23 @@ def check_parameters(
             raise unsupported(shown, f"Unrecognized request argument supplied: {shown}")
         if not harmless(value):
             raise unsupported(name)
+
+
+def check_message_count(messages: Any) -> None:
+    """A conversation has at most MAX_CHAT_ITEMS messages and content parts together: every one of them
+    costs validation time on the event loop before any limit further down could apply."""
+    if type(messages) is not list:
+        return
+    items = len(messages) + sum(
+        len(m["content"]) for m in messages if type(m) is dict and type(m.get("content")) is list
+    )
+    if items > MAX_CHAT_ITEMS:
+        raise APIError(
+            400,
+            f"messages holds {items} messages and content parts; at most {MAX_CHAT_ITEMS} are accepted",
+            param="messages",
+            code="invalid_value",
+        )
 
 
 def check_messages(messages: Any) -> None:

@@ -396,6 +396,12 @@ HOSTILE_BODIES = {
         400,
         "messages[0].content[0].text",
     ),
+    "too_many_messages": (
+        "/v1/chat/completions",
+        '{"model": "tiny-base", "messages": [' + ",".join(['{"role":"user","content":"a"}'] * 100_000) + "]}",
+        400,
+        "messages",
+    ),
     "surrogate_unknown_key": ("/v1/completions", '{"model": "tiny-base", "prompt": "a", "\\udc00x": 1}', 400, "\\udc00x"),
 }  # fmt: skip
 
