@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from blockzoo.tiny_models import TinyModelCache
 from tests.router.test_tenant_models_api import BASE, Env, assert_error, finish, make_env, upload
 from tests.zoo.test_lora_oracle import make_adapter
 from tests.zoo.zoo_helpers import fine_tune_top_layers
+from zoo.catalog import migrate
+from zoo.catalog.database import factory_engine
+from zoo.catalog.models import Model
 from zoo.errors import DuplicateNameError
 
 # Figures that may differ between two registrations of the same weights for reasons of their own.
@@ -92,3 +96,23 @@ def test_storage_quota_charges_what_the_model_references_beyond_the_base(env: En
     tenants = env.client.get("/admin/v1/tenants", headers=env.admin()).json()["data"]
     storage = {t["name"]: t["storage_bytes"] for t in tenants}
     assert storage["first"] == storage["second"] > 0
+
+
+def test_the_migration_recharges_models_registered_before(env: Env, adapter_dir: Path) -> None:
+    """Catalogs from before 0002 hold what each registration wrote (0 for the second tenant)."""
+    first, second = env.tenant("first"), env.tenant("second")
+    assert finish(env, first, upload(env, first, "a", adapter_dir))["status"] == "succeeded"
+    assert finish(env, second, upload(env, second, "b", adapter_dir))["status"] == "succeeded"
+    with env.zoo.sessions() as s, s.begin():
+        charged = dict(
+            s.execute(select(Model.name, Model.stored_bytes_new).where(Model.tenant_id.is_not(None))).all()
+        )
+        s.execute(update(Model).where(Model.name == "b").values(stored_bytes_new=0))
+    url = str(factory_engine(env.zoo.sessions).url)
+    migrate.downgrade(url, "0001")
+    migrate.upgrade(url)
+    with env.zoo.sessions() as s:
+        after = dict(
+            s.execute(select(Model.name, Model.stored_bytes_new).where(Model.tenant_id.is_not(None))).all()
+        )
+    assert after == charged and charged["a"] == charged["b"] > 0
