@@ -130,7 +130,9 @@ class DrainMiddleware:
         try:
             await handler
         except asyncio.CancelledError:
-            if not sent.cut:
+            current = asyncio.current_task()
+            # Only the drain's own cut is answered here; a cancellation of this request itself goes on.
+            if not sent.cut or (current is not None and current.cancelling()):
                 raise
             await _end_cut(send, sent)
         finally:
