@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -136,11 +136,21 @@ async def _completion_prompts(
         texts = [p for p in prompt if isinstance(p, str)]
     else:
         texts = None
+    limit = inference.max_model_len(loaded)
     if texts is not None:
-        return await get_prompts(request).encode_prompts(loaded.tokenizer, texts, inference.max_model_len(loaded))
-    if prompt and isinstance(prompt[0], int):
-        return [[p for p in prompt if isinstance(p, int)]]
-    return [list(p) for p in prompt if isinstance(p, list)]
+        return await get_prompts(request).encode_prompts(loaded.tokenizer, texts, limit)
+    # Token ids (ints, by the schema): an over-long list is refused by its length, before any Python
+    # loop walks it on the event loop.
+    ids = cast(list[list[int]], [prompt] if prompt and isinstance(prompt[0], int) else prompt)
+    longest = max((len(p) for p in ids), default=0)
+    if longest >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens, but the prompt has {longest} tokens.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    return [list(p) for p in ids]
 
 
 def _max_tokens(
