@@ -8,8 +8,8 @@ and what was really used (a refund, or debt that later requests wait off).
 
 `InProcessQuotas` keeps the buckets in this process; `RedisQuotas` (router/quota_redis.py) keeps them
 in Redis so several API processes share one limit, behind `FallbackQuotas` (router/quota_fallback.py),
-which applies the `quota_redis_failure` policy while Redis is unreachable. Routes use a lease as an async context manager so
-the in-flight count is released however the body ends:
+which applies the `quota_redis_failure` policy while Redis is unreachable. Routes use a lease as an
+async context manager so the in-flight count is released however the body ends:
 
     lease = await quotas.acquire(principal, estimated_tokens)
     async with lease:
