@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select
 
 from blockzoo.tiny_models import TinyModelCache
@@ -31,6 +32,7 @@ from tests.router.test_tenant_models_api import Env, assert_error, finish, make_
 from tests.zoo.test_lora_oracle import make_adapter
 from tests.zoo.zoo_helpers import fine_tune_top_layers
 from zoo.catalog.models import Tenant
+from zoo.catalog.tenants import InvalidQuota, TenantQuotas
 from zoo.errors import ShapeMismatchError
 from zoo.registry import Progress
 from zoo.reports import RegistrationReport
@@ -321,7 +323,9 @@ def test_hostile_values_keep_the_keep_alive_connection_on_a_live_server(
         ("POST", "/v1/fine-tunes/from-path", {"name": "p", "path": f"{env.allowed}/deep"}, acme),
         ("POST", "/v1/fine-tunes/from-path", {"name": BASE_NAME, "path": str(base_dir)}, acme),
     ]
-    with serve(env.client.app) as url:
+    app = env.client.app
+    assert isinstance(app, FastAPI)
+    with serve(app) as url:
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
@@ -371,3 +375,12 @@ def test_staging_copy_checks_where_the_opened_folder_really_is(base_dir: Path, t
         copy_into_staging(inside, roots, tmp_path / "staging2", limits)
     assert caught.value.status == 400 and "evil.jinja" in caught.value.message
     assert not (tmp_path / "staging2").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("max_models", 2**31), ("max_storage_bytes", 2**70), ("max_concurrent", -1)]
+)
+def test_the_catalog_refuses_quotas_it_cannot_store(field: str, value: int) -> None:
+    """The CLI sets quotas through the catalog without the API's schema: the catalog bounds them too."""
+    with pytest.raises(InvalidQuota, match=field):
+        TenantQuotas(**{field: value})
