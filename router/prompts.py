@@ -44,7 +44,8 @@ def too_long(limit: int, what: str, param: str) -> APIError:
 
 def template_error(exc: ChatTemplateError) -> APIError:
     code = "chat_template_error" if exc.kind == "raised" else "invalid_chat_template"
-    return APIError(400, f"The model's chat template failed: {exc.message}", param="messages", code=code)
+    message = exc.message[:1].upper() + exc.message[1:]
+    return APIError(400, message, param="messages", code=code)
 
 
 class PromptBuilder:

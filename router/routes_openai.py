@@ -154,14 +154,18 @@ async def _completion_prompts(
 
 
 def _max_tokens(
-    inference: InferenceService, loaded: LoadedModel, requested: int | None, prompt_len: int
+    inference: InferenceService,
+    loaded: LoadedModel,
+    requested: int | None,
+    prompt_len: int,
+    param: str = "prompt",
 ) -> int:
     limit = inference.max_model_len(loaded)
     if prompt_len >= limit:
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens.",
-            param="prompt",
+            param=param,
             code="context_length_exceeded",
         )
     return requested if requested is not None else limit - prompt_len
@@ -288,7 +292,9 @@ async def chat_completions(
     prompt = await get_prompts(request).chat_ids(
         loaded.tokenizer, chat_messages(body), inference.max_model_len(loaded)
     )
-    max_tokens = _max_tokens(inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt))
+    max_tokens = _max_tokens(
+        inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt), "messages"
+    )
     top = body.top_logprobs or 0 if body.logprobs else None
     params = [sampling_params(body, max_tokens, top, j) for j in range(body.n)]
     admission = await admit(request, principal, loaded, len(prompt), params)
