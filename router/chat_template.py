@@ -30,7 +30,10 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-MAX_TEMPLATE_CHARS = 256 * 1024
+# Compiling ends in one call to Python's compile(), which holds the GIL throughout: measured on a loaded
+# 2-core machine, 14k characters held it 0.08 s, 32k 0.15 s, 64k 0.39 s, 250k 1.7 s. Real templates are
+# under 20k characters.
+MAX_TEMPLATE_CHARS = 64 * 1024
 _MESSAGE_CHARS = 300
 
 ErrorKind = Literal["limit", "raised", "invalid"]
