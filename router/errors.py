@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime.engine import StepFailedError
 from runtime.errors import BlockZooError, ModelLoadError, RequestError
 from runtime.sampling_params import SamplingParamsError
 from zoo.catalog.tenants import TenantError, TenantExists, TenantHasModels, TenantNotFound
@@ -146,7 +147,15 @@ def install_error_handlers(app: FastAPI) -> None:
             log.exception("unhandled error", extra={"path": request.url.path})
         return _response(err)
 
+    async def step_failed(request: Request, _: Exception) -> JSONResponse:
+        # A server bug inside an engine step; the engine thread logged its traceback with the
+        # request ids. Answered here rather than by the catch-all, which Starlette re-raises into
+        # uvicorn, which then drops the connection (a reset instead of this 500, now and then).
+        log.error("request failed inside an engine step", extra={"path": request.url.path})
+        return _response(APIError(500, "internal server error", type_="server_error", code="internal_error"))
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(StepFailedError, step_failed)
     app.add_exception_handler(sa_exc.SQLAlchemyError, database_error)
     app.add_exception_handler(BlockZooError, api_error)
     app.add_exception_handler(TenantError, api_error)
