@@ -51,7 +51,9 @@ def create_app(
     install_error_handlers(app)
     settings = services.settings
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes, multipart_bytes=settings.max_upload_bytes
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_body_bytes,
+        multipart_bytes=settings.max_upload_bytes,
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.services = services

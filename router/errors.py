@@ -106,6 +106,10 @@ def from_domain(exc: Exception) -> APIError:
     return APIError(500, "internal server error", type_="server_error", code="internal_error")
 
 
+# Starlette's own refusals (a body that is not JSON, an unknown route) get a word, not a number.
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
         return _response(from_domain(exc))
@@ -127,7 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
         detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
-        return JSONResponse(error_body(str(detail), "invalid_request_error", code=str(status)), status)
+        code = _HTTP_CODES.get(status, str(status))
+        return JSONResponse(error_body(str(detail), "invalid_request_error", code=code), status)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = from_domain(exc)

@@ -168,6 +168,15 @@ def _max_tokens(
             param=param,
             code="context_length_exceeded",
         )
+    if requested is not None and prompt_len + requested > limit:
+        # Refused here, with the figures, rather than by the engine's scheduler with a vaguer message.
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. The prompt has {prompt_len} tokens"
+            f" and {requested} more were requested ({prompt_len + requested} in all).",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested if requested is not None else limit - prompt_len
 
 
