@@ -148,6 +148,13 @@ class Settings(BaseSettings):
         description="While Redis is unreachable: 'local' enforces each tenant's limits in this process"
         " (each API process then grants the full limit), 'closed' refuses limited requests with 503.",
     )
+    quota_redis_timeout_s: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=60.0,
+        description="A Redis quota call that takes longer counts as Redis unreachable (a busy server's event"
+        " loop can be slow to read the answer, so not much lower than this).",
+    )
     quota_redis_retry_s: float = Field(
         default=1.0,
         gt=0.0,

@@ -118,7 +118,7 @@ return 1
 
 _REASONS: dict[int, Reason] = {1: "requests", 2: "tokens", 3: "concurrent"}
 # Redis answers a script in well under a millisecond; one that does not answer within this is down.
-DEFAULT_SOCKET_TIMEOUT_S = 1.0
+DEFAULT_SOCKET_TIMEOUT_S = 2.0
 
 
 class QuotaStoreUnavailable(Exception):

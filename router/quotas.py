@@ -342,7 +342,11 @@ def build_quotas(settings: Settings, window_seconds: float = DEFAULT_WINDOW_SECO
         from router.quota_redis import RedisQuotas
 
         return FallbackQuotas(
-            RedisQuotas(settings.redis_url, window_seconds=window_seconds),
+            RedisQuotas(
+                settings.redis_url,
+                window_seconds=window_seconds,
+                socket_timeout_s=settings.quota_redis_timeout_s,
+            ),
             InProcessQuotas(window_seconds=window_seconds),
             settings.quota_redis_failure,
             settings.quota_redis_retry_s,

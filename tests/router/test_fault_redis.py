@@ -65,6 +65,8 @@ def build(
         redis_url=redis_url,
         quota_redis_failure=policy,  # type: ignore[arg-type]
         quota_redis_retry_s=RETRY_S,
+        # Generous: on a loaded machine a starved event loop must not look like a Redis outage here.
+        quota_redis_timeout_s=10.0,
         kv_cache_memory=8 << 20,
         admin_key="admin-key",
     )
