@@ -22,16 +22,15 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as transformers_logging
 
+from benchmarks.serving_server import GENEROUS
 from benchmarks.serving_workload import Target
 from blockzoo.demo_zoo import ADAPTERS, BASE, ensure_demo_zoo
 from blockzoo.settings import Settings
 from blockzoo.zoo_factory import open_zoo
 from zoo.catalog.database import factory_engine
-from zoo.catalog.tenants import TenantQuotas, create_tenant, set_quotas
+from zoo.catalog.tenants import create_tenant, set_quotas
 
 EXTRA_TENANT = "demo-carol"
-# Far above the load, so that no request is refused but every one takes and releases a lease.
-GENEROUS = TenantQuotas(requests_per_minute=10**7, tokens_per_minute=2 * 10**9, max_concurrent=10**5)
 READY_TIMEOUT_S = 120.0
 
 
