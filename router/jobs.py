@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from blockzoo.settings import Settings
-from router.errors import APIError
+from router.errors import APIError, is_database_unavailable
 from router.schemas import JobOut
 from runtime.errors import BlockZooError
 from zoo.catalog.database import is_sqlite
@@ -44,6 +45,11 @@ STAGES = {
     "writing blocks": (0.8, 0.99),
 }
 PROGRESS_INTERVAL_S = 0.25
+# Recording a job's end through a catalog outage: first retry after this, doubling up to the max, for
+# at most FINISH_RETRY_FOR_S (then the next process start's recovery settles the row).
+FINISH_RETRY_FIRST_S = 0.25
+FINISH_RETRY_MAX_DELAY_S = 10.0
+FINISH_RETRY_FOR_S = 600.0
 INCOMING_MAX_AGE_S = 24 * 3600
 
 
@@ -151,6 +157,7 @@ class JobRunner:
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="blockzoo-register")
         self._futures: dict[int, Future[None]] = {}
+        self._closing = threading.Event()
 
     # -- staging folders -------------------------------------------------------------------------
 
@@ -254,40 +261,65 @@ class JobRunner:
         owner: JobOwner | None = None,
         action: str = "model.register",
     ) -> None:
-        try:
-            with self.zoo.sessions() as session, session.begin():
-                row = session.get(RegistrationJob, job_id)
-                if row is None:  # the tenant was deleted meanwhile
+        # A job that ends while the catalog is unreachable would otherwise stay 'running' until the
+        # next process start: keep trying (this is the job's own worker thread) until it answers.
+        delay = FINISH_RETRY_FIRST_S
+        deadline = time.monotonic() + FINISH_RETRY_FOR_S
+        while True:
+            try:
+                self._record_end(job_id, report, error, owner, action)
+                return
+            except Exception as exc:
+                retry = is_database_unavailable(exc) and time.monotonic() < deadline
+                if not retry or self._closing.wait(delay):
+                    log.error(
+                        "could not record the end of a registration job",
+                        extra={"job_id": job_id, "error": type(exc).__name__},
+                        exc_info=not is_database_unavailable(exc),
+                    )
                     return
-                if report is not None:
-                    row.status, row.progress, row.error = JobStatus.SUCCEEDED, 1.0, None
-                    row.detail_json = report.to_dict()
-                    row.model_id = session.scalar(
-                        select(Model.id).where(
-                            Model.tenant_id.is_(None)
-                            if row.tenant_id is None
-                            else Model.tenant_id == row.tenant_id,
-                            Model.name == row.model_name,
-                        )
+                log.warning("catalog unavailable; retrying the end of a job", extra={"job_id": job_id})
+                delay = min(delay * 2, FINISH_RETRY_MAX_DELAY_S)
+
+    def _record_end(
+        self,
+        job_id: int,
+        report: RegistrationReport | None,
+        error: str | None,
+        owner: JobOwner | None,
+        action: str,
+    ) -> None:
+        with self.zoo.sessions() as session, session.begin():
+            row = session.get(RegistrationJob, job_id)
+            if row is None:  # the tenant was deleted meanwhile
+                return
+            if report is not None:
+                row.status, row.progress, row.error = JobStatus.SUCCEEDED, 1.0, None
+                row.detail_json = report.to_dict()
+                row.model_id = session.scalar(
+                    select(Model.id).where(
+                        Model.tenant_id.is_(None)
+                        if row.tenant_id is None
+                        else Model.tenant_id == row.tenant_id,
+                        Model.name == row.model_name,
                     )
-                else:
-                    row.status, row.detail_json = JobStatus.FAILED, None
-                    row.error = error or "failed"
-                if owner is not None:
-                    session.add(
-                        AuditLog(
-                            tenant_id=owner.tenant_id,
-                            actor=owner.actor,
-                            action=action,
-                            model_name=row.model_name,
-                            status="ok" if report is not None else "failed",
-                            detail_json={"job_id": job_id, "error": row.error}
-                            if report is None
-                            else {"job_id": job_id, "bytes_new": report.bytes_new},
-                        )
+                )
+            else:
+                row.status, row.detail_json = JobStatus.FAILED, None
+                row.error = error or "failed"
+            if owner is not None:
+                session.add(
+                    AuditLog(
+                        tenant_id=owner.tenant_id,
+                        actor=owner.actor,
+                        action=action,
+                        model_name=row.model_name,
+                        status="ok" if report is not None else "failed",
+                        detail_json={"job_id": job_id, "error": row.error}
+                        if report is None
+                        else {"job_id": job_id, "bytes_new": report.bytes_new},
                     )
-        except Exception:
-            log.exception("could not record the end of a registration job", extra={"job_id": job_id})
+                )
 
     # -- process start and stop ------------------------------------------------------------------
 
@@ -322,6 +354,7 @@ class JobRunner:
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop taking jobs; queued ones fail (their staging goes), running ones finish when `wait`."""
+        self._closing.set()
         for job_id, future in list(self._futures.items()):
             if future.cancel():
                 self._finish(job_id, None, "the server shut down before the job ran")

@@ -8,6 +8,7 @@ traceback is logged. Usage of the requests served meanwhile is kept and written 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,14 @@ from sqlalchemy import Engine, func, make_url, select
 from blockzoo.demo_zoo import write_lora_adapter
 from blockzoo.settings import Settings
 from blockzoo.tiny_models import TinyModelCache
+from router.jobs import JobOwner, JobRunner
 from router.server import build_server
+from runtime.errors import BlockZooError
 from tests.router.live_server import serve
-from tests.zoo.zoo_helpers import add_tenant
+from tests.zoo.zoo_helpers import add_tenant, open_zoo
 from zoo.catalog import migrate
-from zoo.catalog.models import Usage
+from zoo.catalog.models import RegistrationJob, Usage
+from zoo.catalog.types import JobStatus
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -160,3 +164,35 @@ def test_database_down_keeps_inference_and_refuses_writes(
                 break
             time.sleep(0.1)
         assert recorded == served
+
+
+def test_a_job_that_ends_during_an_outage_is_recorded_once_the_database_returns(
+    outage: Outage, pg_url: str, tmp_path: Path
+) -> None:
+
+    zoo = open_zoo(tmp_path / "zoo", pg_url)
+    add_tenant(zoo, "acme")
+    runner = JobRunner(zoo, tmp_path / "uploads")
+    owner = JobOwner(None, "admin")
+    release = threading.Event()
+
+    def task(_progress: object) -> object:
+        release.wait(30)
+        raise BlockZooError("the folder is not a model")
+
+    job_id = runner.create(owner, "m")
+    runner.start(job_id, task, None, owner, "model.register")  # type: ignore[arg-type]
+    deadline = time.monotonic() + 10
+    while runner.get(job_id, None).status != "running":  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    outage.begin()
+    release.set()  # the job fails while nothing can be written
+    time.sleep(1.5)
+    outage.end()
+    runner.wait(job_id, timeout=30)
+    with zoo.sessions() as session:
+        row = session.get(RegistrationJob, job_id)
+        assert row is not None and row.status == JobStatus.FAILED
+        assert row.error == "the folder is not a model"
+    runner.shutdown()
