@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from blockzoo.settings import Settings
 from blockzoo.zoo_factory import open_zoo
+from router.chat_template import ChatTemplateError, templates_in_folder, validate_template
 from runtime.errors import BlockZooError
 from zoo.calibration import CalibrationError, load_calibration_file
 from zoo.catalog.models import Model, Tenant
@@ -122,6 +123,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _check_chat_templates(folder: Path) -> None:
+    """The same template checks as a registration through the API: a tenant's template is data that
+    the server renders later, so a bomb is refused here rather than at its first chat request."""
+    for name, source in templates_in_folder(folder):
+        if source is None:
+            raise ValueError(f"{name} is not UTF-8 text")
+        try:
+            validate_template(source)
+        except ChatTemplateError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+
 def _dispatch(zoo: Any, args: argparse.Namespace) -> int:
     command = args.zoo_command
     if command == "add-base":
@@ -129,6 +142,7 @@ def _dispatch(zoo: Any, args: argparse.Namespace) -> int:
             report = zoo.add_base(args.name, args.path, progress=progress)
         _print_report(report, args.json)
     elif command == "register":
+        _check_chat_templates(Path(args.path))
         calibration = tuple(load_calibration_file(args.calibration)) if args.calibration else None
         options = FineTuneOptions(
             substitute_within=args.substitute_within,
