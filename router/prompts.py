@@ -65,9 +65,25 @@ class PromptBuilder:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        # One tenant may hold all but one of the workers, so a tenant sending template bombs (each up
+        # to the render time limit) cannot queue every other tenant's prompts behind its own.
+        self._per_tenant = max(1, settings.prompt_workers - 1)
+        self._tenant_slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+    async def _run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        slot, users = self._tenant_slots.get(tenant) or (asyncio.Semaphore(self._per_tenant), 0)
+        self._tenant_slots[tenant] = (slot, users + 1)
+        try:
+            async with slot:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor, functools.partial(fn, *args)
+                )
+        finally:
+            slot, users = self._tenant_slots[tenant]
+            if users == 1:  # nobody else waits on it: the table holds only active tenants
+                del self._tenant_slots[tenant]
+            else:
+                self._tenant_slots[tenant] = (slot, users - 1)
 
     def _max_chars(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> int:
         with self._lock:
@@ -89,10 +105,10 @@ class PromptBuilder:
         return [list(tokenizer.encode(text)) for text in texts]
 
     async def encode_prompts(
-        self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_model_len: int
+        self, tenant: str, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_model_len: int
     ) -> list[list[int]]:
         """Token ids of each completion prompt (special tokens added as the tokenizer does)."""
-        return await self._run(self._encode_texts, tokenizer, texts, max_model_len)
+        return await self._run(tenant, self._encode_texts, tokenizer, texts, max_model_len)
 
     def _chat_ids(
         self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], max_model_len: int
@@ -109,10 +125,14 @@ class PromptBuilder:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     async def chat_ids(
-        self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], max_model_len: int
+        self,
+        tenant: str,
+        tokenizer: PreTrainedTokenizerBase,
+        messages: Sequence[Mapping[str, Any]],
+        max_model_len: int,
     ) -> list[int]:
         """The conversation rendered through the tokenizer's chat template (bounded), then tokenized."""
-        return await self._run(self._chat_ids, tokenizer, messages, max_model_len)
+        return await self._run(tenant, self._chat_ids, tokenizer, messages, max_model_len)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

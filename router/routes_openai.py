@@ -127,7 +127,7 @@ def _prompt_count(req: CompletionRequest) -> int:
 
 
 async def _completion_prompts(
-    request: Request, inference: InferenceService, loaded: LoadedModel, req: CompletionRequest
+    request: Request, tenant: str, inference: InferenceService, loaded: LoadedModel, req: CompletionRequest
 ) -> list[list[int]]:
     prompt = req.prompt
     if isinstance(prompt, str):
@@ -138,7 +138,7 @@ async def _completion_prompts(
         texts = None
     limit = inference.max_model_len(loaded)
     if texts is not None:
-        return await get_prompts(request).encode_prompts(loaded.tokenizer, texts, limit)
+        return await get_prompts(request).encode_prompts(tenant, loaded.tokenizer, texts, limit)
     # Token ids (ints, by the schema): an over-long list is refused by its length, before any Python
     # loop walks it on the event loop.
     ids = cast(list[list[int]], [prompt] if prompt and isinstance(prompt[0], int) else prompt)
@@ -194,7 +194,7 @@ async def completions(
 ) -> Any:
     _check_sequences(services, _prompt_count(body), body.n)
     loaded = await _load(services, inference, principal.tenant, body.model)
-    prompts = await _completion_prompts(request, inference, loaded, body)
+    prompts = await _completion_prompts(request, principal.tenant, inference, loaded, body)
     vocab = loaded.chain.config.vocab_size
     if any(t >= vocab for p in prompts for t in p):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
@@ -299,7 +299,7 @@ async def chat_completions(
     _check_sequences(services, 1, body.n)
     loaded = await _load(services, inference, principal.tenant, body.model)
     prompt = await get_prompts(request).chat_ids(
-        loaded.tokenizer, chat_messages(body), inference.max_model_len(loaded)
+        principal.tenant, loaded.tokenizer, chat_messages(body), inference.max_model_len(loaded)
     )
     max_tokens = _max_tokens(
         inference, loaded, body.max_completion_tokens or body.max_tokens, len(prompt), "messages"

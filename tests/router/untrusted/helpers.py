@@ -62,6 +62,7 @@ class HealthWatch:
         self.worst = 0.0
         self.polls = 0
         self._stop = threading.Event()
+        self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -74,10 +75,13 @@ class HealthWatch:
                     ok = False
                 self.worst = max(self.worst, time.monotonic() - start if ok else float("inf"))
                 self.polls += 1
+                self._first.set()
                 time.sleep(0.02)
 
     def __enter__(self) -> HealthWatch:
         self._thread.start()
+        # The watch is live before the attack starts: a fast answer cannot leave it with no poll.
+        self._first.wait(timeout=15)
         return self
 
     def __exit__(self, *_: object) -> None:
