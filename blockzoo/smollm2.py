@@ -117,7 +117,7 @@ def smollm2_hf_dir(cache_dir: Path | None = None) -> Path:
     )
     # transformers marks a GGUF-loaded model as not serializable; its weights are plain fp32 tensors
     # by now, so dropping the marker saves them as an ordinary checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     for attr in ("quantization_config",):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
