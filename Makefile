@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install serve test lint format typecheck pytest services clean
+.PHONY: install serve test lint format typecheck pytest services clean gpu-check
 
 # The stamp is newer than pyproject.toml (and the venv) once they are installed, so a second
 # `make install` costs nothing; editing pyproject.toml or deleting .venv reinstalls.
@@ -60,6 +60,15 @@ test: install
 	done; \
 	if [ -n "$$failed" ]; then echo "==> FAILED:$$failed" >&2; exit 1; fi; \
 	echo "==> all checks passed"
+
+# The one short script for a lent GPU: the kernel tests on the device (the CUDA-only ones run there;
+# TRITON_INTERPRET stays unset, see tests/conftest.py), then the W4A16 table. Output also goes to
+# $$OUT when the device runner sets it, so the figures come back.
+gpu-check: install
+	@out=$${OUT:-.gpu-check}; mkdir -p $$out; \
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')" && \
+	$(BIN)/pytest -p no:cacheprovider -q tests/kernels 2>&1 | tee $$out/gpu_tests.txt && \
+	$(BIN)/python -m benchmarks.w4a16 --quick 2>&1 | tee $$out/w4a16.txt
 
 clean:
 	rm -rf $(STAMPS) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
