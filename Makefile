@@ -66,9 +66,10 @@ test: install
 # $$OUT when the device runner sets it, so the figures come back.
 gpu-check: install
 	@out=$${OUT:-.gpu-check}; mkdir -p $$out; \
-	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')" && \
-	$(BIN)/pytest -p no:cacheprovider -q tests/kernels 2>&1 | tee $$out/gpu_tests.txt && \
-	$(BIN)/python -m benchmarks.w4a16 --quick 2>&1 | tee $$out/w4a16.txt
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')" || exit 1; \
+	$(BIN)/pytest -p no:cacheprovider -q tests/kernels > $$out/gpu_tests.txt 2>&1; rc=$$?; cat $$out/gpu_tests.txt; \
+	$(BIN)/python -m benchmarks.w4a16 --quick > $$out/w4a16.txt 2>&1 || rc=1; cat $$out/w4a16.txt; \
+	exit $$rc
 
 clean:
 	rm -rf $(STAMPS) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
