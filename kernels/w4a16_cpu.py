@@ -2,10 +2,12 @@
 
 `torch.ops.aten._weight_int4pack_mm_for_cpu` reads int4 codes in its own packed form and computes
 with bf16 activations (its fast path; fp32 and fp16 activations are converted here). Its weight is
-`(code - 8) · scale + offset` per group, so our zero points become offsets `(8 - zero) · scale`.
+`(code - 8) · scale + offset` per group, so our zero points (and optional offsets) become its
+offsets `(8 - zero) · scale + offset`.
 Act-order checkpoints (`g_idx`) are handled by permuting the input columns once so that every group
 is contiguous, and permuting each activation row the same way. Group sizes the kernel does not
-take, or K not a multiple of the group size, use the dense fallback (still exact).
+take, K not a multiple of the group size, or N not a multiple of 16, use the dense fallback (still
+exact).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from kernels.w4a16_format import SYMMETRIC_ZERO, PackedW4, dequantize, unpack_codes
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses other output counts
 
 
 def act_order_permutation(packed: PackedW4) -> torch.Tensor | None:
@@ -30,6 +33,8 @@ def act_order_permutation(packed: PackedW4) -> torch.Tensor | None:
 
 def tinygemm_supported(packed: PackedW4) -> bool:
     if packed.group_size not in TINYGEMM_GROUP_SIZES or packed.in_features % packed.group_size:
+        return False
+    if packed.out_features % TINYGEMM_N_MULTIPLE:
         return False
     if packed.g_idx is not None:
         counts = torch.bincount(packed.g_idx.long())
@@ -54,14 +59,16 @@ class CpuInt4Linear:
         codes = unpack_codes(packed.qweight)  # [K, N]
         groups = packed.groups()
         zeros, scales = packed.zero_points(), packed.scales.float()
+        offsets = (SYMMETRIC_ZERO - zeros).float() * scales
+        if packed.offsets is not None:
+            offsets = offsets + packed.offsets.float()
         if self.perm is not None:
             codes = codes.index_select(0, self.perm)
             groups = groups.index_select(0, self.perm)
             # After the permutation the j-th block of g inputs is one group: its id, in order.
             order = groups.reshape(-1, packed.group_size)[:, 0]
-            zeros, scales = zeros.index_select(0, order), scales.index_select(0, order)
+            offsets, scales = offsets.index_select(0, order), scales.index_select(0, order)
         self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
-        offsets = (SYMMETRIC_ZERO - zeros).float() * scales
         self.scale_and_offset = torch.stack([scales, offsets], dim=-1).to(torch.bfloat16).contiguous()
 
     @property

@@ -8,8 +8,13 @@ A linear layer `y = x Wᵀ` with W of shape [N, K] (N outputs, K inputs) is stor
 - `zeros`: [K/g, N] int32 codes 0 … 15, or None for symmetric quantization (zero point 8).
 - `g_idx`: optional int32 [K]: the group of each input row, for act-order (GPTQ `desc_act`)
   checkpoints whose groups are not contiguous; None means `k // g`.
+- `offsets`: optional [K/g, N] floating point, added to each group after scaling; None means 0.
+  GGUF's Q4_1 stores a per-group minimum `m` (`w = d · q + m`) that no integer zero point can
+  express, so it is kept here (with zero points 0) and imports without loss.
 
-The weight is `W[n, k] = (code[k, n] - zero[group(k), n]) · scale[group(k), n]`.
+The weight is `W[n, k] = (code[k, n] - zero[group(k), n]) · scale[group(k), n] + offset[group(k), n]`,
+computed in fp32 in exactly that order (see `dequantize`), which makes it bit for bit equal to
+llama.cpp's own dequantization of Q4_0 and Q4_1.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class PackedW4(NamedTuple):
     zeros: torch.Tensor | None
     group_size: int
     g_idx: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -45,17 +51,17 @@ class PackedW4(NamedTuple):
         """The group of each input row, [K]."""
         if self.g_idx is not None:
             return self.g_idx.long()
-        return torch.arange(self.in_features) // self.group_size
+        return torch.arange(self.in_features, device=self.qweight.device) // self.group_size
 
     def zero_points(self) -> torch.Tensor:
         """Integer zero points [K/g, N] (8 everywhere when symmetric)."""
         if self.zeros is not None:
             return self.zeros
-        return torch.full(self.scales.shape, SYMMETRIC_ZERO, dtype=torch.int32)
+        return torch.full(self.scales.shape, SYMMETRIC_ZERO, dtype=torch.int32, device=self.scales.device)
 
     @property
     def nbytes(self) -> int:
-        extra = [t for t in (self.zeros, self.g_idx) if t is not None]
+        extra = [t for t in (self.zeros, self.g_idx, self.offsets) if t is not None]
         return self.qweight.nbytes + self.scales.nbytes + sum(t.nbytes for t in extra)
 
 
@@ -88,7 +94,11 @@ def dequantize(packed: PackedW4, dtype: torch.dtype = torch.float32) -> torch.Te
     groups = packed.groups()
     zeros = packed.zero_points().index_select(0, groups)  # [K, N]
     scales = packed.scales.float().index_select(0, groups)
-    return ((codes - zeros).float() * scales).t().contiguous().to(dtype)
+    weight = (codes - zeros).float() * scales
+    if packed.offsets is not None:
+        # A separate add after the product (no fused multiply-add): llama.cpp's `d * q + m` order.
+        weight = weight + packed.offsets.float().index_select(0, groups)
+    return weight.t().contiguous().to(dtype)
 
 
 def quantize_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = False) -> PackedW4:
@@ -116,4 +126,51 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = False)
         scales=scale.to(weight.dtype if weight.is_floating_point() else torch.float32),
         zeros=None if symmetric else zero.to(torch.int32),
         group_size=group_size,
+    )
+
+
+def concat_packed(parts: list[PackedW4]) -> PackedW4:
+    """Several linears over the same inputs as one, their outputs side by side (along N).
+
+    This is how q/k/v or gate/up projections fuse into one matmul. The parts must share the group
+    size and the input grouping (`g_idx`); where only some store zero points or offsets, the others'
+    defaults (8, 0) are written out so that every part keeps its weights exactly.
+    """
+    if not parts:
+        raise ValueError("concat_packed needs at least one part")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.group_size != first.group_size or p.in_features != first.in_features:
+            raise ValueError(
+                f"cannot concatenate 4-bit linears of {p.in_features} inputs in groups of {p.group_size}"
+                f" with {first.in_features} inputs in groups of {first.group_size}"
+            )
+        same_groups = (p.g_idx is None and first.g_idx is None) or (
+            p.g_idx is not None and first.g_idx is not None and torch.equal(p.g_idx, first.g_idx)
+        )
+        if not same_groups:
+            raise ValueError("cannot concatenate 4-bit linears whose inputs are grouped differently (g_idx)")
+        if p.scales.dtype != first.scales.dtype:
+            raise ValueError(f"cannot concatenate scales of {p.scales.dtype} and {first.scales.dtype}")
+    zeros = None
+    if any(p.zeros is not None for p in parts):
+        zeros = torch.cat([p.zero_points().to(p.scales.device) for p in parts], dim=1)
+    offsets = None
+    with_offsets = [p.offsets for p in parts if p.offsets is not None]
+    if with_offsets:
+        dtype = with_offsets[0].dtype
+        offsets = torch.cat(
+            [
+                p.offsets.to(dtype) if p.offsets is not None else torch.zeros_like(p.scales, dtype=dtype)
+                for p in parts
+            ],
+            dim=1,
+        )
+    return PackedW4(
+        qweight=torch.cat([p.qweight for p in parts], dim=1),
+        scales=torch.cat([p.scales for p in parts], dim=1),
+        zeros=zeros,
+        group_size=first.group_size,
+        g_idx=first.g_idx,
+        offsets=offsets,
     )

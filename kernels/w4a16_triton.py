@@ -134,6 +134,8 @@ def w4a16_matmul(x: torch.Tensor, packed: PackedW4, config: TileConfig | None = 
     """`x @ Wᵀ` for x [M, K] (fp16, bf16 or fp32) and 4-bit W [N, K]; returns x's dtype."""
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise ValueError(f"x must be [M, {packed.in_features}], got {tuple(x.shape)}")
+    if packed.offsets is not None:
+        raise NotImplementedError("the Triton W4A16 kernel does not take per-group offsets yet")
     m, k = x.shape
     n = packed.out_features
     cfg = config or pick_config(m, x.device)

@@ -1,7 +1,7 @@
 """The linear projections a layer block runs: dense weights, or 4-bit weights with 16-bit activations.
 
 A block's tensors decide which: `<proj>.weight` makes a dense projection, `<proj>.qweight` (with
-`<proj>.scales`, and optionally `<proj>.qzeros` and `<proj>.g_idx`) a 4-bit one in the canonical
+`<proj>.scales`, and optionally `<proj>.qzeros`, `<proj>.g_idx` and `<proj>.qoffsets`) a 4-bit one in the canonical
 packed layout of `kernels.w4a16_format`. Everything downstream (LoRA deltas, per-block batching)
 sees only `y = proj(x)`, which is what lets QLoRA-style chains, a 4-bit base with 16-bit adapters,
 share batches with anything else.
@@ -18,6 +18,7 @@ from runtime.errors import CorruptCheckpointError
 
 # Block-local tensor suffixes of a 4-bit projection.
 QWEIGHT, SCALES, QZEROS, G_IDX = "qweight", "scales", "qzeros", "g_idx"
+QOFFSETS = "qoffsets"  # floating point per group, added after scaling (GGUF Q4_1's minimum)
 
 
 class DenseLinear:
@@ -111,7 +112,15 @@ def make_linear(
             raise CorruptCheckpointError(f"{where}: {prefix}.{G_IDX} names groups outside [0, {num_groups})")
     if qweight.dtype != torch.int32 or (zeros is not None and zeros.dtype != torch.int32):
         raise CorruptCheckpointError(f"{where}: {prefix} codes must be int32")
-    packed = PackedW4(qweight, scales, zeros, in_features // num_groups, g_idx)
+    if not scales.is_floating_point():
+        raise CorruptCheckpointError(f"{where}: {sname} must be floating point, got {scales.dtype}")
+    oname = f"{prefix}.{QOFFSETS}"
+    offsets = tensors.get(oname)
+    if offsets is not None:
+        _check(offsets, oname, (num_groups, out_features), where)
+        if not offsets.is_floating_point():
+            raise CorruptCheckpointError(f"{where}: {oname} must be floating point, got {offsets.dtype}")
+    packed = PackedW4(qweight, scales, zeros, in_features // num_groups, g_idx, offsets)
     return Int4Linear(packed, bias)
 
 
@@ -122,13 +131,16 @@ def packed_tensors(prefix: str, packed: PackedW4) -> dict[str, torch.Tensor]:
         out[f"{prefix}.{QZEROS}"] = packed.zeros
     if packed.g_idx is not None:
         out[f"{prefix}.{G_IDX}"] = packed.g_idx.to(torch.int32)
+    if packed.offsets is not None:
+        out[f"{prefix}.{QOFFSETS}"] = packed.offsets
     return out
 
 
 def cast_floating(
     tensors: dict[str, torch.Tensor], dtype: torch.dtype, copy: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Floating tensors in `dtype`, integer ones (4-bit codes, zero points, g_idx) as they are.
+    """Floating tensors (weights, 4-bit scales and offsets) in `dtype`; integer ones (codes, zero
+    points, g_idx) as they are.
 
     Same-dtype tensors stay views (of a memory map, say) unless `copy` asks for private copies.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.w4a16_format import PackedW4, dequantize, pack_codes, quantize_rtn, unpack_codes
+from kernels.w4a16_format import PackedW4, concat_packed, dequantize, pack_codes, quantize_rtn, unpack_codes
 
 
 def test_codes_round_trip_through_int32_words() -> None:
@@ -59,3 +59,36 @@ def test_act_order_groups_follow_g_idx() -> None:
         grp = int(g_idx[row])
         expected[:, row] = (codes[row] - zeros[grp]).float() * scales[grp]
     assert torch.allclose(dequantize(packed), expected)
+
+
+def test_offsets_are_added_after_scaling_per_group() -> None:
+    gen = torch.Generator().manual_seed(3)
+    k, n, g = 64, 8, 32
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // g, n, generator=gen) + 0.5).half()
+    zeros = torch.randint(0, 16, (k // g, n), generator=gen, dtype=torch.int32)
+    offsets = torch.randn(k // g, n, generator=gen).half()
+    packed = PackedW4(pack_codes(codes), scales, zeros, g, None, offsets)
+    expected = torch.empty(n, k)
+    for row in range(k):
+        grp = row // g
+        expected[:, row] = (codes[row] - zeros[grp]).float() * scales[grp].float() + offsets[grp].float()
+    assert torch.equal(dequantize(packed), expected)
+    assert packed.nbytes == packed._replace(offsets=None).nbytes + offsets.nbytes
+
+
+def test_concat_packed_keeps_every_part_exact() -> None:
+    gen = torch.Generator().manual_seed(4)
+    asym = quantize_rtn(torch.randn(16, 64, generator=gen), 32)
+    sym = quantize_rtn(torch.randn(8, 64, generator=gen), 32, symmetric=True)
+    offset = asym._replace(offsets=torch.randn(2, 16, generator=gen))
+    fused = concat_packed([offset, sym, asym])
+    assert fused.out_features == 40 and fused.zeros is not None and fused.offsets is not None
+    expected = torch.cat([dequantize(offset), dequantize(sym), dequantize(asym)])
+    assert torch.equal(dequantize(fused), expected)
+    assert concat_packed([sym, sym]).zeros is None and concat_packed([sym, asym]).offsets is None
+    with pytest.raises(ValueError, match="groups of 32"):
+        concat_packed([sym, quantize_rtn(torch.randn(8, 64, generator=gen), 64)])
+    scattered = sym._replace(g_idx=torch.arange(64, dtype=torch.int32) % 2)
+    with pytest.raises(ValueError, match="grouped differently"):
+        concat_packed([sym, scattered])
