@@ -5,8 +5,10 @@
 BLOCK_N] tile of codes (eight codes per word, along K), shifts and masks out the codes, and turns
 them into floats with a bit trick instead of a per-element int-to-float conversion: OR-ing a code
 into the mantissa of 2²³ (0x4B000000) and reinterpreting the bits gives the float 2²³ + code, so
-subtracting 2²³ + zero yields `code - zero` exactly. The group scale is applied to that tile, and
-the product accumulates in fp32 through `tl.dot`.
+subtracting 2²³ + zero yields `code - zero` exactly. The group scale is applied to that tile, then
+the group offset where the layout has one (HAS_OFFSETS is a compile-time flag, so layouts without
+offsets run the same code as before), and the product accumulates in fp32 through `tl.dot`. The
+reference is `kernels.w4a16_format.dequantize` followed by an fp32 matmul.
 
 The strategy is bucketed by M, with fixed configurations (no autotune, so the same code runs in
 the interpreter): small M (decode) splits K across programs, which add their partial tiles into an
@@ -60,6 +62,7 @@ def _w4a16_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations i
     scales_ptr,
     zeros_ptr,
     g_idx_ptr,
+    offsets_ptr,
     out_ptr,
     M,
     N,
@@ -73,10 +76,13 @@ def _w4a16_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations i
     stride_sn,
     stride_zg,
     stride_zn,
+    stride_og,
+    stride_on_off,
     stride_om,
     stride_on,
     HAS_ZEROS: tl.constexpr,
     HAS_G_IDX: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -121,6 +127,12 @@ def _w4a16_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations i
         # The bit trick: 0x4B000000 | code is the float 2^23 + code.
         magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
         w = (magic - (8388608.0 + zero)) * scale
+        if HAS_OFFSETS:
+            w += tl.load(
+                offsets_ptr + groups[:, None] * stride_og + offs_n[None, :] * stride_on_off,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            ).to(tl.float32)
         acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
@@ -134,14 +146,13 @@ def w4a16_matmul(x: torch.Tensor, packed: PackedW4, config: TileConfig | None = 
     """`x @ Wᵀ` for x [M, K] (fp16, bf16 or fp32) and 4-bit W [N, K]; returns x's dtype."""
     if x.dim() != 2 or x.shape[1] != packed.in_features:
         raise ValueError(f"x must be [M, {packed.in_features}], got {tuple(x.shape)}")
-    if packed.offsets is not None:
-        raise NotImplementedError("the Triton W4A16 kernel does not take per-group offsets yet")
     m, k = x.shape
     n = packed.out_features
     cfg = config or pick_config(m, x.device)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when HAS_ZEROS is off
     g_idx = packed.g_idx if packed.g_idx is not None else packed.qweight  # unused when HAS_G_IDX is off
+    offsets = packed.offsets if packed.offsets is not None else packed.scales  # unused unless HAS_OFFSETS
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     _w4a16_kernel[grid](
         x,
@@ -149,6 +160,7 @@ def w4a16_matmul(x: torch.Tensor, packed: PackedW4, config: TileConfig | None = 
         packed.scales,
         zeros,
         g_idx,
+        offsets,
         out,
         m,
         n,
@@ -162,10 +174,13 @@ def w4a16_matmul(x: torch.Tensor, packed: PackedW4, config: TileConfig | None = 
         packed.scales.stride(1),
         zeros.stride(0),
         zeros.stride(1),
+        offsets.stride(0),
+        offsets.stride(1),
         out.stride(0),
         out.stride(1),
         HAS_ZEROS=packed.zeros is not None,
         HAS_G_IDX=packed.g_idx is not None,
+        HAS_OFFSETS=packed.offsets is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
