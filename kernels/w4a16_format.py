@@ -59,6 +59,21 @@ class PackedW4(NamedTuple):
             return self.zeros
         return torch.full(self.scales.shape, SYMMETRIC_ZERO, dtype=torch.int32, device=self.scales.device)
 
+    def to(self, device: torch.device | str) -> PackedW4:
+        """The same weights with every tensor on `device`."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return PackedW4(
+            self.qweight.to(device),
+            self.scales.to(device),
+            move(self.zeros),
+            self.group_size,
+            move(self.g_idx),
+            move(self.offsets),
+        )
+
     @property
     def nbytes(self) -> int:
         extra = [t for t in (self.zeros, self.g_idx, self.offsets) if t is not None]

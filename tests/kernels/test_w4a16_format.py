@@ -92,3 +92,14 @@ def test_concat_packed_keeps_every_part_exact() -> None:
     scattered = sym._replace(g_idx=torch.arange(64, dtype=torch.int32) % 2)
     with pytest.raises(ValueError, match="grouped differently"):
         concat_packed([sym, scattered])
+
+
+def test_moving_keeps_every_tensor() -> None:
+    packed = quantize_rtn(torch.randn(8, 64), 32)._replace(offsets=torch.ones(2, 8))
+    moved = packed.to("meta")
+    assert all(
+        t.device.type == "meta"
+        for t in (moved.qweight, moved.scales, moved.zeros, moved.offsets)
+        if t is not None
+    )
+    assert moved.group_size == 32 and moved.g_idx is None

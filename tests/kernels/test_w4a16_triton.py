@@ -88,6 +88,6 @@ def test_bf16_on_the_gpu() -> None:
     gen = torch.Generator().manual_seed(6)
     packed = quantize_rtn(torch.randn(N, K, generator=gen) * 0.05, 128)
     for p in (packed, with_offsets(packed, seed=6)):
-        on_gpu = PackedW4(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in p))
+        on_gpu = p.to("cuda")
         for m in (8, 40):
             check(torch.randn(m, K, generator=gen).to(torch.bfloat16).cuda(), on_gpu)
