@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.w4a16_cpu import CpuInt4Linear
-from kernels.w4a16_format import PER_WORD, PackedW4
+from kernels.w4a16_format import PER_WORD, PackedW4, dequantize
 from runtime.errors import CorruptCheckpointError
 
 # Block-local tensor suffixes of a 4-bit projection.
@@ -37,21 +37,25 @@ class DenseLinear:
 
 
 class Int4Linear:
-    """`y = x Wᵀ + b` with W in 4 bits: tinygemm on the CPU (packed once, here), Triton on a GPU."""
+    """`y = x Wᵀ + b` with W in 4 bits: tinygemm on the CPU (packed once, on first use), Triton on a GPU.
+
+    Packing waits for the first call: a layer that runs its projections fused (runtime/fused_linear.py)
+    never calls these, and packing them too would double the kernel's copy of the weights.
+    """
 
     def __init__(self, packed: PackedW4, bias: torch.Tensor | None) -> None:
         self.packed = packed
         self.bias = bias
         self._cpu: CpuInt4Linear | None = None
-        if packed.qweight.device.type == "cpu":
-            self._cpu = CpuInt4Linear(packed, bias)
 
     @property
     def out_features(self) -> int:
         return self.packed.out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu is not None:
+        if self.packed.qweight.device.type == "cpu":
+            if self._cpu is None:
+                self._cpu = CpuInt4Linear(self.packed, self.bias)
             return self._cpu(x)
         from kernels.w4a16_triton import w4a16_matmul  # only where a GPU runs the layer
 
@@ -91,6 +95,16 @@ def make_linear(
         if name not in tensors:
             raise CorruptCheckpointError(f"{where}: tensor {name!r} is missing")
         return DenseLinear(_check(tensors[name], name, (out_features, in_features), where), bias)
+    return Int4Linear(read_packed(tensors, prefix, out_features, in_features, where), bias)
+
+
+def read_packed(
+    tensors: dict[str, torch.Tensor], prefix: str, out_features: int, in_features: int, where: str
+) -> PackedW4:
+    """The 4-bit projection `prefix` of a block's tensors, every one checked (CorruptCheckpointError)."""
+    qname = f"{prefix}.{QWEIGHT}"
+    if qname not in tensors:
+        raise CorruptCheckpointError(f"{where}: tensor {qname!r} is missing")
     if in_features % PER_WORD:
         raise CorruptCheckpointError(f"{where}: {prefix} has {in_features} inputs, not a multiple of 8")
     qweight = _check(tensors[qname], qname, (in_features // PER_WORD, out_features), where)
@@ -120,8 +134,25 @@ def make_linear(
         _check(offsets, oname, (num_groups, out_features), where)
         if not offsets.is_floating_point():
             raise CorruptCheckpointError(f"{where}: {oname} must be floating point, got {offsets.dtype}")
-    packed = PackedW4(qweight, scales, zeros, in_features // num_groups, g_idx, offsets)
-    return Int4Linear(packed, bias)
+    return PackedW4(qweight, scales, zeros, in_features // num_groups, g_idx, offsets)
+
+
+def dense_tensors(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """A block's tensors with each 4-bit projection as the fp32 `<proj>.weight` it computes with.
+
+    Comparisons between blocks (equivalence, delta compression) read weights through this, so a
+    4-bit block, offsets and all, compares with a dense one by what it computes.
+    """
+    quantized = [name[: -len(QWEIGHT) - 1] for name in tensors if name.endswith(f".{QWEIGHT}")]
+    suffixes = (QWEIGHT, SCALES, QZEROS, G_IDX, QOFFSETS)
+    out = {k: t for k, t in tensors.items() if not any(k == f"{p}.{s}" for p in quantized for s in suffixes)}
+    for prefix in quantized:
+        qweight = tensors[f"{prefix}.{QWEIGHT}"]
+        if qweight.dim() != 2:
+            raise CorruptCheckpointError(f"{where}: {prefix}.{QWEIGHT} has shape {list(qweight.shape)}")
+        n, k = int(qweight.shape[1]), int(qweight.shape[0]) * PER_WORD
+        out[f"{prefix}.weight"] = dequantize(read_packed(tensors, prefix, n, k, where), torch.float32)
+    return out
 
 
 def packed_tensors(prefix: str, packed: PackedW4) -> dict[str, torch.Tensor]:

@@ -5,6 +5,10 @@ values that retain the asked-for share of D's energy (Σσ²). The factors becom
 (A = Vhᵣ, B = Uᵣ·diag(σᵣ), scaling 1), which the runtime adds to the shared base block. This only
 pays, and is only exact enough, when every other tensor of the layer is unchanged and the factors
 are smaller than the dense weights they replace; otherwise the layer stays a block of its own.
+
+A 4-bit projection (offsets and all) takes part through the fp32 weight it computes with, so a
+dense fine-tune of a 4-bit base becomes a delta on that base, as in QLoRA; a 4-bit fine-tune's
+factors are weighed against its stored 4-bit bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from runtime.linear import QWEIGHT, dense_tensors
 from runtime.lora import PROJECTIONS, LoraProjection
 from zoo.equivalence import same_bytes
 
@@ -112,12 +117,19 @@ def compress_layer(
     same names and shapes. `energy` in (0, 1] is the share of each projection delta's Σσ² to keep;
     a projection needing more than `max_rank` makes the layer not compressible.
     """
-    _check_inputs(base, tuned, energy)
     if max_rank is not None and max_rank < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
     weights = {f"{p}.weight": p for p in PROJECTIONS}
+    four_bit = {f"{p}.weight" for p in PROJECTIONS if f"{p}.{QWEIGHT}" in base or f"{p}.{QWEIGHT}" in tuned}
+    stored_bytes = {
+        f"{p}.weight": sum(t.nbytes for k, t in tuned.items() if k.startswith(f"{p}.") and k != f"{p}.bias")
+        for p in PROJECTIONS
+        if f"{p}.{QWEIGHT}" in tuned
+    }
+    base, tuned = dense_tensors(base, "base layer"), dense_tensors(tuned, "fine-tuned layer")
+    _check_inputs(base, tuned, energy)
     for name in sorted(base):
-        if base[name].dtype != tuned[name].dtype:
+        if name not in four_bit and base[name].dtype != tuned[name].dtype:
             return _not_compressible(
                 f"tensor {name!r} changed dtype ({base[name].dtype} → {tuned[name].dtype})"
             )
@@ -134,6 +146,8 @@ def compress_layer(
         if torch.equal(base[key], tuned[key]):  # e.g. only -0.0 vs 0.0: a zero delta
             continue
         factor, report, needed = _factor(base[key], tuned[key], energy, max_rank)
+        if key in stored_bytes:
+            report = report._replace(dense_bytes=stored_bytes[key])
         reports[proj] = report
         if factor is None:
             too_high.append(f"{proj} needs rank {needed}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from runtime.blocks import LayerBlock
 from runtime.chain import Chain
+from runtime.linear import dense_tensors
 from runtime.lora import LayerLora
 from runtime.trace import Trace, run_layer, trace
 from zoo.blocks import fields_for
@@ -89,8 +90,8 @@ def layers_identical(
 
 
 def _effective_weights(layer: LayerBlock, lora: LayerLora | None) -> dict[str, torch.Tensor]:
-    """fp32 tensors of the layer with any delta merged into its projection weights."""
-    out = {k: t.float() for k, t in layer_tensors(layer).items()}
+    """fp32 tensors of the layer (4-bit projections dequantized) with any delta merged into its projection weights."""
+    out = {k: t.float() for k, t in dense_tensors(layer_tensors(layer), "layer").items()}
     if lora is not None:
         for name, p in lora.projections.items():
             key = f"{name}.weight"

@@ -7,7 +7,7 @@ import torch
 
 from kernels.w4a16_format import dequantize, quantize_rtn
 from runtime.errors import CorruptCheckpointError
-from runtime.linear import QOFFSETS, Int4Linear, cast_floating, make_linear, packed_tensors
+from runtime.linear import QOFFSETS, Int4Linear, cast_floating, dense_tensors, make_linear, packed_tensors
 
 N, K, G = 32, 64, 32
 
@@ -52,3 +52,15 @@ def test_bad_offsets_are_refused(bad: torch.Tensor, message: str) -> None:
     tensors[f"proj.{QOFFSETS}"] = bad
     with pytest.raises(CorruptCheckpointError, match=message):
         make_linear(tensors, "proj", N, K, has_bias=False, where="layer 0")
+
+
+def test_dense_view_of_a_block_checks_its_tensors() -> None:
+    tensors = {**tensors_with_offsets(), "norm.weight": torch.ones(K)}
+    view = dense_tensors(tensors, "layer 0")
+    assert sorted(view) == ["norm.weight", "proj.weight"]
+    expected = make_linear(tensors, "proj", N, K, False, "layer 0")
+    assert isinstance(expected, Int4Linear)
+    assert torch.equal(view["proj.weight"], dequantize(expected.packed))
+    tensors[f"proj.{QOFFSETS}"] = torch.zeros(3, N)
+    with pytest.raises(CorruptCheckpointError, match=r"layer 0: tensor 'proj\.qoffsets' has shape"):
+        dense_tensors(tensors, "layer 0")
