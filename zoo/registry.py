@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +39,8 @@ from zoo.errors import (
     RegistrationError,
 )
 from zoo.finetune_plan import FineTuneOptions, plan_fine_tune
+from zoo.gguf_file import is_gguf
+from zoo.gguf_import import import_gguf
 from zoo.model_writer import write_model
 from zoo.names import check_not_a_base_name, shape_digest, validate_model_name
 from zoo.peft_adapter import is_peft_adapter
@@ -75,8 +78,13 @@ class Zoo:
 
     # -- registration ------------------------------------------------------------------------
 
-    def add_base(self, name: str, folder: Path, progress: Progress | None = None) -> RegistrationReport:
-        """Register a shared base model from a checkpoint folder."""
+    def add_base(
+        self, name: str, folder: Path, progress: Progress | None = None, dequantize: bool = False
+    ) -> RegistrationReport:
+        """Register a shared base model from a checkpoint folder or a GGUF file.
+
+        `dequantize` (GGUF only) stores every tensor dense in fp32 instead of 4-bit blocks.
+        """
         start = time.perf_counter()
         validate_model_name(name)
         with self.sessions() as session:
@@ -86,7 +94,12 @@ class Zoo:
                 raise DuplicateNameError(
                     f"a tenant's model is named {name!r}; a base needs a name of its own"
                 )
-        split = self._split(Path(folder), progress)
+        with self._source(Path(folder), progress, dequantize) as (split, tokenizer_dir):
+            return self._add_base(name, split, tokenizer_dir, progress, start)
+
+    def _add_base(
+        self, name: str, split: SplitCheckpoint, tokenizer_dir: Path, progress: Progress | None, start: float
+    ) -> RegistrationReport:
         entries = [ChainEntry(b.block_id) for b in split.blocks]
         report = RegistrationReport(model=name, kind="base", base=None)
 
@@ -115,7 +128,7 @@ class Zoo:
                 ),
             )
 
-        write_model(self.sessions, self.store, report, split.blocks, [], Path(folder), record, progress)
+        write_model(self.sessions, self.store, report, split.blocks, [], tokenizer_dir, record, progress)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -127,10 +140,13 @@ class Zoo:
         base: str | None = None,
         progress: Progress | None = None,
         options: FineTuneOptions | None = None,
+        dequantize: bool = False,
     ) -> RegistrationReport:
-        """Register a tenant's fine-tune: a PEFT LoRA adapter folder or a full checkpoint folder.
+        """Register a tenant's fine-tune: a PEFT LoRA adapter folder, a full checkpoint folder or a
+        GGUF file.
 
-        `options` (full fine-tunes only) asks for equivalence substitution and delta compression.
+        `options` (full fine-tunes only) asks for equivalence substitution and delta compression;
+        `dequantize` (GGUF only) stores every tensor dense in fp32 instead of 4-bit blocks.
         """
         start = time.perf_counter()
         folder = Path(folder)
@@ -141,13 +157,16 @@ class Zoo:
             if taken is not None:
                 raise DuplicateNameError(f"tenant {tenant!r} already has a model named {name!r}")
             check_not_a_base_name(session, name)
-        _check_folder(folder)
-        if is_peft_adapter(folder):
+        gguf = is_gguf(folder)
+        if not gguf:
+            _check_folder(folder)
+        if not gguf and is_peft_adapter(folder):
             report = self._register_adapter(tenant_id, name, folder, base, progress)
         else:
-            report = self._register_full(
-                tenant_id, name, folder, base, progress, options or FineTuneOptions()
-            )
+            with self._source(folder, progress, dequantize) as (split, tokenizer_dir):
+                report = self._register_full(
+                    tenant_id, name, split, tokenizer_dir, base, progress, options or FineTuneOptions()
+                )
         report.seconds = time.perf_counter() - start
         log.info(
             "registered",
@@ -165,12 +184,12 @@ class Zoo:
         self,
         tenant_id: int,
         name: str,
+        split: SplitCheckpoint,
         folder: Path,
         base_name: str | None,
         progress: Progress | None,
         options: FineTuneOptions,
     ) -> RegistrationReport:
-        split = self._split(folder, progress)
         base = base_for_checkpoint(self.sessions, split, base_name)
         report = RegistrationReport(model=name, kind="full", base=base.name)
         base_ref = self.resolve(None, base.name)
@@ -264,12 +283,24 @@ class Zoo:
 
     def _split(self, folder: Path, progress: Progress | None) -> SplitCheckpoint:
         _check_folder(folder)
+        return split_checkpoint(folder, progress=_hashing(progress))
 
-        def tick(done: int, total: int) -> None:
-            if progress is not None:
-                progress("hashing blocks", done / max(total, 1))
+    @contextmanager
+    def _source(
+        self, path: Path, progress: Progress | None, dequantize: bool
+    ) -> Iterator[tuple[SplitCheckpoint, Path]]:
+        """The checkpoint at `path` split into blocks, and the folder its tokenizer files are in.
 
-        return split_checkpoint(folder, progress=tick)
+        A GGUF file is recognised by its magic bytes, never by its name; its tokenizer folder is a
+        temporary one, gone when the registration is over.
+        """
+        if is_gguf(path):
+            with import_gguf(path, dequantize, progress=_hashing(progress)) as imported:
+                yield imported.split, imported.tokenizer_dir
+            return
+        if dequantize:
+            raise RegistrationError("dequantize applies to GGUF files only")
+        yield self._split(path, progress), path
 
     def _tenant_id(self, tenant: str) -> int:
         with self.sessions() as session:
@@ -381,6 +412,14 @@ class Zoo:
             )
             tokenizers = {t for t in session.scalars(select(Model.tokenizer_id)) if t}
         return self.store.gc(blocks, referenced_deltas=deltas, referenced_tokenizers=tokenizers)
+
+
+def _hashing(progress: Progress | None) -> Callable[[int, int], None]:
+    def tick(done: int, total: int) -> None:
+        if progress is not None:
+            progress("hashing blocks", done / max(total, 1))
+
+    return tick
 
 
 def has_tokenizer(folder: Path) -> bool:

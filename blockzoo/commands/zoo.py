@@ -29,7 +29,9 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("zoo", help="Register, list, delete and collect blocks.")
     actions = p.add_subparsers(dest="zoo_command", required=True)
 
-    base = actions.add_parser("add-base", help="Register a shared base model from a checkpoint folder.")
+    base = actions.add_parser(
+        "add-base", help="Register a shared base model from a checkpoint folder or a GGUF file."
+    )
     base.add_argument("name")
     base.add_argument("path", type=Path)
 
@@ -55,6 +57,12 @@ def register(sub: Any) -> None:
     reg.add_argument("--min-top1", type=float, default=0.0, help="refuse if top-1 agreement falls below this")
     reg.add_argument("--evaluate", action="store_true", help="measure every layer against the base")
     reg.add_argument("--calibration", type=Path, default=None, help="file of calibration prompts")
+    for action in (base, reg):
+        action.add_argument(
+            "--dequantize",
+            action="store_true",
+            help="GGUF: store every tensor dense in fp32 instead of importing Q4_0/Q4_1 as 4-bit blocks",
+        )
 
     quant = actions.add_parser(
         "quantize", help="Register a 4-bit twin of a model (RTN or GPTQ) and report its quality."
@@ -139,7 +147,7 @@ def _dispatch(zoo: Any, args: argparse.Namespace) -> int:
     command = args.zoo_command
     if command == "add-base":
         with _progress_bar(not args.json) as progress:
-            report = zoo.add_base(args.name, args.path, progress=progress)
+            report = zoo.add_base(args.name, args.path, progress=progress, dequantize=args.dequantize)
         _print_report(report, args.json)
     elif command == "register":
         _check_chat_templates(Path(args.path))
@@ -155,7 +163,13 @@ def _dispatch(zoo: Any, args: argparse.Namespace) -> int:
         )
         with _progress_bar(not args.json) as progress:
             report = zoo.register(
-                args.tenant, args.name, args.path, base=args.base, progress=progress, options=options
+                args.tenant,
+                args.name,
+                args.path,
+                base=args.base,
+                progress=progress,
+                options=options,
+                dequantize=args.dequantize,
             )
         _print_report(report, args.json)
     elif command == "quantize":
