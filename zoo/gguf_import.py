@@ -108,6 +108,7 @@ def import_gguf(
     contents = read_gguf(path, limits)
     with tempfile.TemporaryDirectory(prefix="blockzoo-gguf-tokenizer-") as tmp:
         folder = Path(tmp)
-        # The tokenizer first: it is cheap, and a bad vocabulary or template fails before any tensor work.
+        # Config and tokenizer first: they are cheap, and refuse a bad file before any tensor work.
+        gguf_raw_config(contents)
         write_tokenizer(contents.metadata, folder)
         yield GGUFImport(split_gguf(contents, dequantize, progress), folder)

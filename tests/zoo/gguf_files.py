@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import quantize
+from gguf.quants import quant_shape_to_byte_shape, quantize
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from blockzoo.tiny_models import CORPUS
@@ -109,11 +109,21 @@ def _add(writer: GGUFWriter, name: str, weight: np.ndarray, qtype: Q) -> None:
     elif qtype == Q.F16:
         writer.add_tensor(name, weight.astype(np.float16))
     else:
-        writer.add_tensor(name, quantize(weight.astype(np.float32), qtype), raw_dtype=qtype)
+        try:
+            data = quantize(weight.astype(np.float32), qtype)
+        except NotImplementedError:  # a type gguf cannot write (Q8_1, say): bytes of the right size
+            data = np.zeros(quant_shape_to_byte_shape(weight.shape, qtype), dtype=np.uint8)
+        writer.add_tensor(name, data, raw_dtype=qtype)
 
 
 def write_tiny_gguf(
-    path: Path, spec: TinySpec, seed: int = 0, layer_types: list[dict[str, Q]] | None = None
+    path: Path,
+    spec: TinySpec,
+    seed: int = 0,
+    layer_types: list[dict[str, Q]] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+    tokenizer_model: str = "gpt2",
+    pre: str | None = None,
 ) -> Path:
     """Write a tiny `spec.arch` model to `path` as llama.cpp's converter would."""
     arch = spec.arch
@@ -143,8 +153,8 @@ def write_tiny_gguf(
     writer.add_uint32(f"{arch}.rope.dimension_count", head_dim)
     if arch == "llama":
         writer.add_uint32(f"{arch}.vocab_size", vocab)
-    writer.add_string("tokenizer.ggml.model", "gpt2")
-    writer.add_string("tokenizer.ggml.pre", PRE[arch][0])
+    writer.add_string("tokenizer.ggml.model", tokenizer_model)
+    writer.add_string("tokenizer.ggml.pre", pre or PRE[arch][0])
     writer.add_array("tokenizer.ggml.tokens", tokens)
     writer.add_array(
         "tokenizer.ggml.token_type", [3 if t in CONTROL else 4 if t in USER_DEFINED else 1 for t in tokens]
@@ -155,7 +165,7 @@ def write_tiny_gguf(
     writer.add_uint32("tokenizer.ggml.unknown_token_id", tokens.index("<|endoftext|>"))
     writer.add_uint32("tokenizer.ggml.padding_token_id", tokens.index("<|endoftext|>"))
     writer.add_bool("tokenizer.ggml.add_bos_token", False)
-    writer.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
+    writer.add_string("tokenizer.chat_template", chat_template)
 
     _add(
         writer, "token_embd.weight", rand(vocab, spec.hidden, scale=0.5), Q.Q8_0 if arch == "llama" else Q.F16
