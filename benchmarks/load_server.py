@@ -24,8 +24,8 @@ from transformers.utils import logging as transformers_logging
 
 from benchmarks.serving_server import GENEROUS
 from benchmarks.serving_workload import Target
-from blockzoo.demo_zoo import ADAPTERS, BASE, ensure_demo_zoo
 from blockzoo.settings import Settings
+from blockzoo.tiny_demo_zoo import ADAPTERS, BASE, ensure_demo_zoo
 from blockzoo.zoo_factory import open_zoo
 from zoo.catalog.database import factory_engine
 from zoo.catalog.tenants import create_tenant, set_quotas

@@ -23,8 +23,8 @@ from fastapi import FastAPI
 from transformers.utils import logging as transformers_logging
 
 from benchmarks.serving_workload import Target
-from blockzoo.demo_zoo import ADAPTERS, BASE, ensure_demo_zoo
 from blockzoo.settings import Settings
+from blockzoo.tiny_demo_zoo import ADAPTERS, BASE, ensure_demo_zoo
 from router.inference import InferenceService
 from router.server import build_server
 from zoo.catalog.tenants import TenantQuotas, set_quotas

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from blockzoo.demo_zoo import write_lora_adapter
+from blockzoo.tiny_demo_zoo import write_lora_adapter
 from blockzoo.tiny_models import TinyModelCache
 
 BOMB = "{% set s = 'x' * 400000000 %}{{ s }}"

@@ -18,8 +18,8 @@ import openai
 import pytest
 from sqlalchemy import Engine, func, make_url, select
 
-from blockzoo.demo_zoo import write_lora_adapter
 from blockzoo.settings import Settings
+from blockzoo.tiny_demo_zoo import write_lora_adapter
 from blockzoo.tiny_models import TinyModelCache
 from router.jobs import JobOwner, JobRunner
 from router.server import build_server

@@ -32,9 +32,9 @@ from schemathesis.core.result import Ok
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from blockzoo.demo_zoo import BASE as DEMO_BASE
-from blockzoo.demo_zoo import ensure_demo_zoo, write_lora_adapter
 from blockzoo.settings import Settings
+from blockzoo.tiny_demo_zoo import BASE as DEMO_BASE
+from blockzoo.tiny_demo_zoo import ensure_demo_zoo, write_lora_adapter
 from router.server import build_server
 
 ADMIN_KEY = "fuzz-admin"
