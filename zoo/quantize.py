@@ -5,7 +5,9 @@ share of its quality most sensitive to rounding, which is also what GPTQ/AWQ che
 A quantized layer block holds, for each of the seven projections, the canonical packed tensors
 (`<proj>.qweight`, `<proj>.scales`, and `<proj>.qzeros` / `<proj>.g_idx` where used) in place of
 `<proj>.weight`; norms and biases are kept. Its fields are the source's plus a `quantization`
-entry, so its id differs from the source's and from any other method's or group size's.
+entry, so its id differs from the source's and from any other method's or group size's. A source
+that is itself 4-bit (a GGUF Q4_1 import, offsets and all) is requantized from the weights it
+computes with, which for GGUF are exactly the dequantized model's.
 
 GPTQ runs layer by layer, as in the paper: each layer's Hessians are taken from the hidden states
 that the already-quantized layers below it produce on the calibration prompts, so every layer
@@ -23,7 +25,8 @@ import torch
 from kernels.w4a16_format import quantize_rtn
 from runtime.blocks import LayerBlock
 from runtime.chain import Chain
-from runtime.linear import Linear, cast_floating, packed_tensors
+from runtime.errors import CorruptCheckpointError
+from runtime.linear import Linear, cast_floating, dense_tensors, packed_tensors
 from runtime.lora import PROJECTIONS
 from runtime.trace import PrefillContext, prefill_context, run_layer
 from zoo.blocks import BlockData
@@ -94,10 +97,11 @@ class QuantizeOptions:
 
 def check_shapes(block: BlockData, options: QuantizeOptions) -> None:
     """Raise QuantizeError unless every projection's input width is a multiple of the group size."""
+    tensors = _dense_view(block)
     for proj in PROJECTIONS:
-        w = block.tensors.get(f"{proj}.weight")
+        w = tensors.get(f"{proj}.weight")
         if w is None:
-            raise QuantizeError(f"layer block {block.block_id} has no dense {proj} (already quantized?)")
+            raise QuantizeError(f"layer block {block.block_id} has no {proj}")
         if w.shape[1] % options.group_size:
             raise QuantizeError(
                 f"{proj} has {w.shape[1]} inputs, not a multiple of the group size {options.group_size}"
@@ -111,12 +115,13 @@ def quantized_block(
     if source.kind != "layer":
         raise QuantizeError(f"only layer blocks are quantized, not {source.kind!r}")
     check_shapes(source, options)
+    dense = _dense_view(source)
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in source.tensors.items():
+    for name, t in dense.items():
         if not any(name == f"{p}.weight" for p in PROJECTIONS):
             tensors[name] = t
     for proj in PROJECTIONS:
-        weight = source.tensors[f"{proj}.weight"]
+        weight = dense[f"{proj}.weight"]
         if options.method == "gptq":
             if hessians is None:
                 raise QuantizeError("GPTQ needs calibration Hessians")
@@ -132,6 +137,13 @@ def quantized_block(
             packed = quantize_rtn(weight, options.group_size, symmetric=options.symmetric)
         tensors.update(packed_tensors(proj, packed))
     return BlockData("layer", tensors, {**source.fields, "quantization": options.fields()})
+
+
+def _dense_view(block: BlockData) -> dict[str, torch.Tensor]:
+    try:
+        return dense_tensors(block.tensors, f"layer block {block.block_id}")
+    except CorruptCheckpointError as exc:
+        raise QuantizeError(str(exc)) from exc
 
 
 class _Recording:

@@ -27,6 +27,7 @@ from zoo.chain_loader import ChainEntry, load_chain_entries
 from zoo.delta_compress import compress_layer
 from zoo.deltas import make_delta
 from zoo.equivalence import rel_frobenius
+from zoo.quantize import QuantizeOptions, quantized_block
 from zoo.splitter import SplitCheckpoint, split_checkpoint
 
 LAYER = 1
@@ -129,3 +130,17 @@ def test_a_q4_1_fine_tune_is_weighed_by_its_stored_bytes(split: SplitCheckpoint)
     stored = sum(t.nbytes for k, t in tuned.items() if k.startswith("mlp.up_proj."))
     assert set(result.reports) == {"mlp.up_proj"} and report.dense_bytes == stored
     assert np.isfinite(report.rel_error)
+
+
+def test_a_q4_1_layer_is_requantized_from_what_it_computes(split: SplitCheckpoint) -> None:
+    source = split.blocks[LAYER + 1]
+    four = BlockData("layer", q4_1_layer(dict(source.tensors)), dict(source.fields))
+    twin = quantized_block(four, QuantizeOptions(group_size=32, method="rtn"))
+    dense = dense_of(four.tensors)
+    assert not any(k.endswith(f".{QOFFSETS}") for k in twin.tensors)
+    for p in PROJECTIONS:
+        w = dense[f"{p}.weight"]
+        packed = read_packed(twin.tensors, p, w.shape[0], w.shape[1], "twin")
+        step = packed.scales.float().index_select(0, packed.groups()).t()
+        assert bool(((dequantize(packed) - w).abs() <= step / 2 + 1e-6).all())
+    assert twin.fields["quantization"]["label"] == "w4a16-g32-rtn"
