@@ -34,6 +34,7 @@ TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "  leading spaces,\ttabs\t\tand\n\nnewlines   \n",
     "Numbers: 3.14159, 2024-12-03, 1234567890 and 42nd",
+    "call my_var = self.value_250 + 250.250",
     "Unicode: naïve café, 日本語のテキスト, Ελληνικά, emoji 🚀🔥, Ωmega",
     "def f(x):\n    return {'a': [x ** 2, x // 3]}  # code\n",
     "I'm sure they'll say it's fine; we've done it. DON'T SHOUT",
