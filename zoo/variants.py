@@ -12,6 +12,7 @@ without registering anything again, and chains whose blocks have no variant run 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from zoo.catalog.models import BaseModel, Block, Model, Tenant
 from zoo.catalog.types import ModelKind
 from zoo.catalog_writer import NewModel, block_meta, build_new_model, record_model
 from zoo.chain_loader import ChainEntry
-from zoo.equivalence import model_effect, perplexity
+from zoo.equivalence import ModelEffect, model_effect, perplexity
 from zoo.errors import DuplicateNameError, NotFoundError
 from zoo.model_writer import write_model
 from zoo.names import validate_model_name
@@ -153,8 +154,13 @@ def prepare_quantized_model(
     new_name: str | None = None,
     calibration_texts: Sequence[str] | None = None,
     progress: Progress | None = None,
+    measure: bool = True,
 ) -> QuantizedModel:
-    """Quantize `name` (as `tenant` sees it) and measure it; nothing is written yet."""
+    """Quantize `name` (as `tenant` sees it) and measure it; nothing is written yet.
+
+    With `measure` False the quality fields of the report are NaN: for callers that measure the
+    twin themselves on other text (the source and the twin each cost a pass over the prompts).
+    """
     ref = zoo.resolve(tenant, name)
     owner = ref.tenant
     target = new_name or f"{name}-{options.label}"
@@ -173,9 +179,9 @@ def prepare_quantized_model(
     blocks = quantize_layers(source, sources, options, calibration, tick)
     embed, head = zoo.store.load(ref.entries[0].block_id), zoo.store.load(ref.entries[-1].block_id)
     candidate = quantized_chain(source, blocks, embed, head)
-    if progress is not None:
+    if progress is not None and measure:
         progress("measuring quality", 0.0)
-    effect = model_effect(source, candidate, calibration)
+    effect = model_effect(source, candidate, calibration) if measure else ModelEffect(math.nan, math.nan, 0)
     report = QuantizeReport(
         model=target,
         source=name,
@@ -184,8 +190,8 @@ def prepare_quantized_model(
         blocks_new=0,
         source_layer_bytes=sum(b.tensor_bytes() for b in sources),
         quantized_layer_bytes=sum(b.tensor_bytes() for b in blocks),
-        source_perplexity=perplexity(source, calibration),
-        quantized_perplexity=perplexity(candidate, calibration),
+        source_perplexity=perplexity(source, calibration) if measure else math.nan,
+        quantized_perplexity=perplexity(candidate, calibration) if measure else math.nan,
         mean_kl=effect.mean_kl,
         top1_agreement=effect.top1_agreement,
         positions=effect.num_positions,
@@ -235,10 +241,11 @@ def quantize_model(
     new_name: str | None = None,
     calibration_texts: Sequence[str] | None = None,
     progress: Progress | None = None,
+    measure: bool = True,
 ) -> QuantizeReport:
     """Quantize model `name` and register its 4-bit twin (see the module docstring)."""
     started = time.perf_counter()
-    made = prepare_quantized_model(zoo, tenant, name, options, new_name, calibration_texts, progress)
+    made = prepare_quantized_model(zoo, tenant, name, options, new_name, calibration_texts, progress, measure)
     written = RegistrationReport(model=made.report.model, kind="quantized", base=None)
     write_model(
         zoo.sessions, zoo.store, written, made.blocks, made.deltas, None, made.record, progress, made.entries

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,16 @@ def test_quantized_layer_tensors_are_checked_on_load(zoo_with_base: tuple[Zoo, P
     broken["self_attn.q_proj.qweight"] = broken["self_attn.q_proj.qweight"].float()
     with pytest.raises(CorruptCheckpointError, match="int32"):
         LayerBlock(broken, config)
+
+
+def test_an_unmeasured_twin_has_the_same_blocks_and_no_figures(zoo_with_base: tuple[Zoo, Path]) -> None:
+    from zoo.variants import quantize_model
+
+    zoo, _ = zoo_with_base
+    options = QuantizeOptions(group_size=32)
+    measured = zoo.quantize(None, "base", options, new_name="measured")
+    bare = quantize_model(zoo, None, "base", options, new_name="bare", measure=False)
+    assert math.isnan(bare.quantized_perplexity) and math.isnan(bare.mean_kl) and bare.positions == 0
+    assert measured.positions > 0 and math.isfinite(measured.mean_kl)
+    assert zoo.resolve(None, "bare").entries == zoo.resolve(None, "measured").entries
+    assert bare.blocks_new == 0  # every block was already stored by the measured twin
