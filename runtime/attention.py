@@ -176,8 +176,10 @@ def paged_attention(
     else:
         kv.key.index_copy_(0, meta.slot_mapping, k.index_select(0, meta.write_rows))
         kv.value.index_copy_(0, meta.slot_mapping, v.index_select(0, meta.write_rows))
-    out = torch.empty_like(q)
     nd = meta.num_decode_rows
+    if nd == q.shape[0]:  # a decode-only step: its one attention call is the whole output
+        return _decode_attention(q, meta, kv, sliding_window)
+    out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode_attention(q[:nd], meta, kv, sliding_window)
     for span in meta.prefills:

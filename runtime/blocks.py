@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from runtime.attention import AttentionMetadata, LayerKV, paged_attention
 from runtime.errors import CorruptCheckpointError
-from runtime.linear import Int4Linear, Linear, make_linear
+from runtime.fused_linear import FusedLinear, fuse_linears
+from runtime.linear import DenseLinear, Int4Linear, Linear, make_linear
 from runtime.lora import PROJECTIONS, DeltaGroups, LayerLora
 from runtime.model_config import ModelConfig
-from runtime.rope import apply_rotary
+from runtime.rope import RotaryRows, rotary_rows, rotate
 from runtime.vocab_linear import vocab_linear
 
 # Projections that read the same input: their adapters share one shrink matmul.
@@ -26,10 +27,11 @@ GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order of operations as transformers' LlamaRMSNorm, so fp32 results agree bit for bit
     # and bf16 ones round the same way.
+    # (The casts are skipped where they would be no-ops: two dispatches fewer per norm.)
     dtype = x.dtype
-    h = x.to(torch.float32)
+    h = x if dtype == torch.float32 else x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    return weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
 def _require(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
@@ -75,9 +77,19 @@ class HeadBlock:
             self.lm_head = tied_embedding
         else:
             raise CorruptCheckpointError(f"{where}: lm_head.weight is missing and embeddings are not tied")
+        self._bf16_head: torch.Tensor | None = None
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return vocab_linear(rms_norm(hidden, self.norm, self.eps), self.lm_head).float()
+    def forward(self, hidden: torch.Tensor, bf16_head: bool = False) -> torch.Tensor:
+        """Logits of `hidden`. `bf16_head` (asked for by chains whose layers are 4-bit) runs the LM
+        head's matmul in bf16: at one decode row it reads half the bytes of an fp32 head, which is
+        most of such a chain's step; the chain's own precision is already 4-bit."""
+        h = rms_norm(hidden, self.norm, self.eps)
+        if bf16_head and self.lm_head.dtype == torch.float32 and h.device.type == "cpu":
+            if self._bf16_head is None:
+                # Built on first use: a block shared with a dense chain keeps its fp32 head for that one.
+                self._bf16_head = self.lm_head.to(torch.bfloat16)
+            return F.linear(h.to(torch.bfloat16), self._bf16_head).float()
+        return vocab_linear(h, self.lm_head).float()
 
 
 class LayerBlock:
@@ -109,7 +121,45 @@ class LayerBlock:
         self.down_proj = make_linear(tensors, "mlp.down_proj", h, inter, c.mlp_bias, where)
         # Every tensor the layer computes with, under its block-local name (equivalence checks read these).
         self.tensors = {name: tensors[name] for name in _used_names(tensors, c)}
+        self._qkv = self._fuse(QKV)
+        self._gate_up = self._fuse(GATE_UP)
+        # Per-head q/k norm weights side by side, so q and k are normed in one call ([heads, head_dim]).
+        self.qk_norm: torch.Tensor | None = None
+        if self.q_norm is not None and self.k_norm is not None:
+            self.qk_norm = torch.cat(
+                [self.q_norm.expand(c.num_heads, -1), self.k_norm.expand(c.num_kv_heads, -1)]
+            ).contiguous()
         self.quantized = any(isinstance(p, Int4Linear) for p in self.projections().values())
+
+    def _fuse(self, names: tuple[str, ...]) -> tuple[FusedLinear, tuple[Linear, ...]] | None:
+        """Projections `names` as one matmul; dense ones (and the block's tensors) become views of it."""
+        attrs = [n.split(".")[1] for n in names]
+        fused = fuse_linears([getattr(self, a) for a in attrs])
+        if fused is None:
+            return None
+        linear, parts = fused
+        for name, attr, part in zip(names, attrs, parts, strict=True):
+            setattr(self, attr, part)
+            if isinstance(part, DenseLinear):
+                self.tensors[f"{name}.weight"] = part.weight
+                if part.bias is not None:
+                    self.tensors[f"{name}.bias"] = part.bias
+        return linear, tuple(parts)
+
+    @property
+    def qkv(self) -> FusedLinear | None:
+        """The fused q/k/v projection, while q_proj, k_proj and v_proj are still the ones it was built
+        from (GPTQ's calibration swaps in recording projections, which must then be called)."""
+        if self._qkv is None or (self.q_proj, self.k_proj, self.v_proj) != self._qkv[1]:
+            return None
+        return self._qkv[0]
+
+    @property
+    def gate_up(self) -> FusedLinear | None:
+        """The fused gate/up projection, under the same condition as `qkv`."""
+        if self._gate_up is None or (self.gate_proj, self.up_proj) != self._gate_up[1]:
+            return None
+        return self._gate_up[0]
 
     def projections(self) -> dict[str, Linear]:
         """The seven projections by block-local name ("self_attn.q_proj", …)."""
@@ -134,32 +184,58 @@ class LayerBlock:
         lora: LayerLora | None = None,
     ) -> torch.Tensor:
         """The whole layer for rows that all run this block (the executor splits it for mixed batches)."""
+        return self.forward_rows(x, rotary_rows(cos, sin), meta, kv, sliding_window, lora)
+
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryRows,
+        meta: AttentionMetadata,
+        kv: LayerKV,
+        sliding_window: int | None,
+        lora: LayerLora | None = None,
+    ) -> torch.Tensor:
+        """`forward` with the step's rotary rows shaped once for all layers (the executor's path)."""
         deltas = DeltaGroups.single(lora)
-        q, k, v = self.project_qkv(x, deltas)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q, k, v = self.rotated_qkv(self.project_qkv(x, deltas), rotary)
         attn = paged_attention(q, k, v, meta, kv, sliding_window)
         return self.finish(x, attn, deltas)
 
-    def project_qkv(
-        self, x: torch.Tensor, deltas: DeltaGroups
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm and q/k/v projections (plus deltas and q/k norms), before RoPE."""
+    def project_qkv(self, x: torch.Tensor, deltas: DeltaGroups) -> torch.Tensor:
+        """Input norm and q/k/v projections (plus deltas and q/k norms), before RoPE.
+
+        Returns the heads side by side, [T, heads + 2 · kv_heads, head_dim]: q's, then k's, then v's
+        (see `split_heads`), so RoPE rotates q and k in one go.
+        """
         c = self.config
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, self.eps)
-        q = self.q_proj(h)
-        k = self.k_proj(h)
-        v = self.v_proj(h)
-        if deltas:
-            q, k, v = deltas.add_fused(QKV, h, [q, k, v])
-        q = q.view(t, c.num_heads, c.head_dim)
-        k = k.view(t, c.num_kv_heads, c.head_dim)
-        v = v.view(t, c.num_kv_heads, c.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        return q, k, v
+        fused = self.qkv
+        if fused is not None:
+            qkv = fused(h)
+            if deltas:
+                # The deltas add in place into each projection's columns of the fused output.
+                deltas.add_fused(QKV, h, fused.split(qkv))
+        else:
+            outs = [self.q_proj(h), self.k_proj(h), self.v_proj(h)]
+            if deltas:
+                outs = deltas.add_fused(QKV, h, outs)
+            qkv = torch.cat(outs, dim=-1)
+        heads = qkv.view(t, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+        if self.qk_norm is not None:
+            qk = rms_norm(heads[:, : c.num_heads + c.num_kv_heads], self.qk_norm, self.eps)
+            heads = torch.cat([qk, heads[:, c.num_heads + c.num_kv_heads :]], dim=1)
+        return heads
+
+    def rotated_qkv(
+        self, heads: torch.Tensor, rotary: RotaryRows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, D] and k [T, kv_heads, D] rotated (one RoPE call for both), and v, from
+        `project_qkv`'s [T, heads + 2 · kv_heads, D] output. All three are views."""
+        c = self.config
+        n = c.num_heads + c.num_kv_heads
+        qk = rotate(heads[:, :n], rotary)
+        return qk[:, : c.num_heads], qk[:, c.num_heads :], heads[:, n:]
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, deltas: DeltaGroups) -> torch.Tensor:
         """Output projection, residual, post-attention norm and the SwiGLU MLP."""
@@ -169,8 +245,11 @@ class LayerBlock:
             o = deltas.add("self_attn.o_proj", attn, o)
         x = x + o
         h = rms_norm(x, self.post_norm, self.eps)
-        gate = self.gate_proj(h)
-        up = self.up_proj(h)
+        fused = self.gate_up
+        if fused is not None:
+            gate, up = fused.split(fused(h))
+        else:
+            gate, up = self.gate_proj(h), self.up_proj(h)
         if deltas:
             gate, up = deltas.add_fused(GATE_UP, h, [gate, up])
         act = F.silu(gate) * up

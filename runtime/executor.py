@@ -12,7 +12,7 @@ from runtime.chain import Chain
 from runtime.kv_segments import KVSegments
 from runtime.kv_tensors import KVTensors
 from runtime.request import Request
-from runtime.rope import apply_rotary
+from runtime.rope import RotaryRows, rotary_rows
 from runtime.scheduler_output import ExecutorOutput, ScheduledChunk, SchedulerOutput
 
 
@@ -200,14 +200,16 @@ class ModelExecutor:
         return ExecutorOutput(logits=logits, requests=order)
 
     def _forward_chain(self, batch: BatchInputs, chain: Chain) -> ExecutorOutput:
-        cos, sin = chain.rotary.lookup(batch.positions)
+        rotary = rotary_rows(*chain.rotary.lookup(batch.positions))
         hidden = chain.embed.forward(batch.token_ids)
         windows = chain.config.sliding_windows
+        quantized = False
         for i, layer in enumerate(chain.layers):
-            hidden = layer.forward(
-                hidden, cos, sin, batch.layer_metas[i], self.kv.layers[i], windows[i], chain.delta_for(i)
+            hidden = layer.forward_rows(
+                hidden, rotary, batch.layer_metas[i], self.kv.layers[i], windows[i], chain.delta_for(i)
             )
-        logits = chain.head.forward(hidden[batch.sample_rows])
+            quantized = quantized or layer.quantized
+        logits = chain.head.forward(hidden[batch.sample_rows], bf16_head=quantized)
         return ExecutorOutput(logits=logits, requests=batch.sample_requests)
 
 
@@ -260,8 +262,11 @@ def forward_plan(plan: BatchPlan, batch: BatchInputs, kv: KVTensors) -> torch.Te
             cos, sin = c, s
         else:
             cos[rows], sin[rows] = c, s
+    rows_rotary = rotary_rows(cos, sin)
     for i in range(config.num_layers):
-        hidden = _layer_step(plan.layer_groups(i), hidden, cos, sin, batch, kv, i, config.sliding_windows[i])
+        hidden = _layer_step(
+            plan.layer_groups(i), hidden, rows_rotary, batch, kv, i, config.sliding_windows[i]
+        )
     sampled = hidden[batch.sample_rows]
     logits = torch.empty(sampled.shape[0], config.vocab_size, dtype=torch.float32)
     for head, rows in plan.head_groups(batch.sample_rows):
@@ -275,8 +280,7 @@ def forward_plan(plan: BatchPlan, batch: BatchInputs, kv: KVTensors) -> torch.Te
 def _layer_step(
     groups: list[LayerGroup],
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rotary: RotaryRows,
     batch: BatchInputs,
     kv: KVTensors,
     index: int,
@@ -284,17 +288,14 @@ def _layer_step(
 ) -> torch.Tensor:
     config = groups[0].block.config
     n = x.shape[0]
-    q = x.new_empty(n, config.num_heads, config.head_dim)
-    k = x.new_empty(n, config.num_kv_heads, config.head_dim)
-    v = x.new_empty(n, config.num_kv_heads, config.head_dim)
+    heads = x.new_empty(n, config.num_heads + 2 * config.num_kv_heads, config.head_dim)
     for g in groups:
-        qg, kg, vg = g.block.project_qkv(x if g.rows is None else x[g.rows], g.deltas)
+        hg = g.block.project_qkv(x if g.rows is None else x[g.rows], g.deltas)
         if g.rows is None:
-            q, k, v = qg, kg, vg
+            heads = hg
         else:
-            q[g.rows], k[g.rows], v[g.rows] = qg, kg, vg
-    q = apply_rotary(q, cos, sin)
-    k = apply_rotary(k, cos, sin)
+            heads[g.rows] = hg
+    q, k, v = groups[0].block.rotated_qkv(heads, rotary)
     attn = paged_attention(q, k, v, batch.layer_metas[index], kv.layers[index], window)
     out = torch.empty_like(x)
     for g in groups:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +58,29 @@ class RotaryTable:
         if needed > self.cos.shape[0]:
             self._grow(max(needed, 2 * self.cos.shape[0]))
         return self.cos[positions], self.sin[positions]
+
+
+class RotaryRows(NamedTuple):
+    """A step's rotary rows, shaped once for every layer: cos and sin as [T, 1, head_dim], with
+    rotate_half's sign folded into sin (its first half negated)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rotary_rows(cos: torch.Tensor, sin: torch.Tensor) -> RotaryRows:
+    """`RotaryRows` from per-token cos/sin [T, head_dim] (as `RotaryTable.lookup` returns them)."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return RotaryRows(cos[:, None, :], signed[:, None, :])
+
+
+def rotate(x: torch.Tensor, rows: RotaryRows) -> torch.Tensor:
+    """`apply_rotary` in four ops: the halves swapped by `roll`, times the signed sin.
+
+    (-x₂)·s and x₂·(-s) are the same float, so this is bit for bit transformers' rotation.
+    """
+    return x * rows.cos + torch.roll(x, x.shape[-1] // 2, -1) * rows.sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
