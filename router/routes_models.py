@@ -35,7 +35,14 @@ from router.schemas import (
     ModelDetail,
     ModelOut,
 )
-from router.uploads import UploadLimits, bad_upload, check_model_folder, receive_upload, resolve_allowed_dir
+from router.uploads import (
+    UploadLimits,
+    bad_upload,
+    check_model_folder,
+    gguf_in,
+    receive_upload,
+    resolve_allowed_dir,
+)
 from runtime.errors import BlockZooError
 from zoo.catalog.models import BaseModel, Block, ChainEntryDelta, Delta, Model, RegistrationJob, Tenant
 from zoo.catalog.models import ChainEntry as ChainEntryRow
@@ -46,7 +53,7 @@ from zoo.names import check_not_a_base_name, validate_model_name
 from zoo.registry import Progress, Zoo
 from zoo.reports import RegistrationReport
 
-FORM_FIELDS = ("name", "base", "substitute_within", "compress_delta")
+FORM_FIELDS = ("name", "base", "substitute_within", "compress_delta", "dequantize")
 _TRUE = ("1", "true", "yes", "on")
 _BOOL = (*_TRUE, "0", "false", "no", "off", "")
 
@@ -101,9 +108,22 @@ def _check_name_free(session: Session, tenant_id: int, name: str) -> None:
 def _options(kind: str, substitute_within: float | None, compress_delta: bool) -> FineTuneOptions | None:
     if substitute_within is None and not compress_delta:
         return None
-    if kind != "full":
+    if kind not in ("full", "gguf"):
         raise bad_upload("substitute_within and compress_delta apply to full checkpoints, not to adapters")
     return FineTuneOptions(substitute_within=substitute_within, compress_delta=compress_delta)
+
+
+def _flag(fields: dict[str, str], name: str) -> bool:
+    flag = fields.get(name, "").strip().lower()
+    if flag not in _BOOL:
+        raise bad_upload(f"{name} must be true or false", name)
+    return flag in _TRUE
+
+
+def _dequantize(kind: str, asked: bool) -> bool:
+    if asked and kind != "gguf":
+        raise bad_upload("dequantize applies to a GGUF file, not to a checkpoint folder", "dequantize")
+    return asked
 
 
 def _parse_form(fields: dict[str, str]) -> tuple[str, str | None, float | None, bool]:
@@ -125,10 +145,7 @@ def _parse_form(fields: dict[str, str]) -> tuple[str, str | None, float | None, 
             raise bad_upload(
                 f"substitute_within must be above 0 and at most {MAX_SUBSTITUTE_WITHIN}", "substitute_within"
             )
-    flag = fields.get("compress_delta", "").strip().lower()
-    if flag not in _BOOL:
-        raise bad_upload("compress_delta must be true or false", "compress_delta")
-    return name, base, substitute, flag in _TRUE
+    return name, base, substitute, _flag(fields, "compress_delta")
 
 
 def _accept(zoo: Zoo, jobs: JobRunner, principal: Principal, name: str, source: str) -> int:
@@ -147,10 +164,21 @@ def _owner(principal: Principal) -> JobOwner:
 
 
 def _task(
-    zoo: Zoo, tenant: str, name: str, folder: Path, base: str | None, options: FineTuneOptions | None
+    zoo: Zoo,
+    tenant: str,
+    name: str,
+    folder: Path,
+    base: str | None,
+    options: FineTuneOptions | None,
+    dequantize: bool = False,
 ) -> Task:
+    # A GGUF fine-tune is registered from its one file inside the staged folder.
+    source = gguf_in(folder) or folder
+
     def run(progress: Progress) -> RegistrationReport:
-        return zoo.register(tenant, name, folder, base=base, progress=progress, options=options)
+        return zoo.register(
+            tenant, name, source, base=base, progress=progress, options=options, dequantize=dequantize
+        )
 
     return run
 
@@ -175,6 +203,7 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
                 name, base, substitute, compress = _parse_form(received.fields)
                 kind = await run_in_threadpool(check_model_folder, incoming)
                 options = _options(kind, substitute, compress)
+                dequantize = _dequantize(kind, _flag(received.fields, "dequantize"))
                 job_id = await run_in_threadpool(_accept, zoo, jobs, principal, name, "upload")
             except BaseException:
                 await run_in_threadpool(shutil.rmtree, incoming, True)
@@ -183,7 +212,7 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
             await run_in_threadpool(_audit_rejection, zoo, principal, exc)
             raise
         staging = await run_in_threadpool(jobs.adopt, job_id, incoming)
-        task = _task(zoo, principal.tenant, name, staging, base, options)
+        task = _task(zoo, principal.tenant, name, staging, base, options, dequantize)
         jobs.start(job_id, task, staging, _owner(principal), "model.register")
         return await run_in_threadpool(_job_now, jobs, job_id, principal)
 
@@ -202,6 +231,7 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
             try:
                 kind = check_model_folder(incoming)
                 options = _options(kind, body.substitute_within, body.compress_delta)
+                dequantize = _dequantize(kind, body.dequantize)
                 job_id = _accept(zoo, jobs, principal, body.name, "path")
             except BaseException:
                 shutil.rmtree(incoming, ignore_errors=True)
@@ -210,7 +240,7 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
             _audit_rejection(zoo, principal, exc)
             raise
         staging = jobs.adopt(job_id, incoming)
-        task = _task(zoo, principal.tenant, body.name, staging, body.base, options)
+        task = _task(zoo, principal.tenant, body.name, staging, body.base, options, dequantize)
         jobs.start(job_id, task, staging, _owner(principal), "model.register")
         return _job_now(jobs, job_id, principal)
 
@@ -379,6 +409,7 @@ _UPLOAD_DOC: dict[str, object] = {
                             "maximum": MAX_SUBSTITUTE_WITHIN,
                         },
                         "compress_delta": {"type": "boolean"},
+                        "dequantize": {"type": "boolean"},
                         "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     },
                 }

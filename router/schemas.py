@@ -124,6 +124,9 @@ class FineTuneFromPath(PathRegistration):
     base: str | None = Field(default=None, min_length=1, max_length=128)
     substitute_within: float | None = Field(default=None, gt=0, le=MAX_SUBSTITUTE_WITHIN, allow_inf_nan=False)
     compress_delta: bool = False
+    dequantize: bool = Field(
+        default=False, description="GGUF only: store every tensor dense in fp32 instead of 4-bit blocks."
+    )
 
 
 class JobOut(BaseModel):

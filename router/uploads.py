@@ -21,12 +21,15 @@ from fastapi.concurrency import run_in_threadpool
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from router.chat_template import check_folder_templates
+from router.chat_template import ChatTemplateError, check_folder_templates, validate_template
 from router.errors import APIError
+from runtime.errors import BlockZooError
 from zoo.bounded_json import JsonLimitError, read_json_object, read_safetensors_header
+from zoo.gguf_config import gguf_raw_config
+from zoo.gguf_file import read_gguf
 from zoo.peft_adapter import AdapterConfigError, check_lora_numbers
 
-ALLOWED_EXTENSIONS = (".json", ".safetensors", ".model", ".txt", ".jinja")
+ALLOWED_EXTENSIONS = (".json", ".safetensors", ".model", ".txt", ".jinja", ".gguf")
 FILE_FIELDS = ("files", "files[]")
 MAX_FIELD_BYTES = 64 * 1024
 FLUSH_BYTES = 1 << 20
@@ -256,6 +259,34 @@ def _json_object(path: Path) -> dict[str, object]:
         raise bad_upload(str(exc)) from exc
 
 
+def gguf_in(folder: Path) -> Path | None:
+    """The one GGUF file of a folder `check_model_folder` called 'gguf' (None for other kinds)."""
+    ggufs = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(".gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
+def check_gguf_file(path: Path) -> None:
+    """Parse the header (every size bounded and checked against the file), check the chat template in
+    the sandbox and map the architecture: what a 400 can say before a job starts. The tensors are read
+    in the job."""
+    try:
+        contents = read_gguf(path)
+    except BlockZooError as exc:
+        raise bad_upload(f"{path.name}: {exc}") from exc
+    template = contents.metadata.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        try:
+            validate_template(template)
+        except ChatTemplateError as exc:
+            raise APIError(
+                400, f"{path.name}: chat template: {exc.message}", param="files", code="invalid_chat_template"
+            ) from None
+    try:
+        gguf_raw_config(contents)
+    except BlockZooError as exc:
+        raise bad_upload(f"{path.name}: {exc}") from exc
+
+
 def check_safetensors(path: Path) -> None:
     """Parse the header of `path` and check that its tensors exactly fill the file (a 400 otherwise)."""
     try:
@@ -289,12 +320,21 @@ def check_safetensors(path: Path) -> None:
 
 
 def check_model_folder(folder: Path) -> str:
-    """'lora' or 'full' when `folder` looks like a PEFT adapter or a checkpoint; a 400 saying what is wrong else.
+    """'lora', 'full' or 'gguf' when `folder` looks like a PEFT adapter, a checkpoint or one GGUF file; a 400
+    saying what is wrong else.
 
     Blocking file reads: call it in a worker thread.
     """
     names = {p.name for p in folder.iterdir() if p.is_file()}
     weights = sorted(n for n in names if n.endswith(".safetensors"))
+    ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+    if ggufs:
+        if len(names) != 1:
+            raise bad_upload(
+                "a GGUF fine-tune is one .gguf file sent alone (it carries its config and tokenizer)"
+            )
+        check_gguf_file(folder / ggufs[0])
+        return "gguf"
     if "adapter_config.json" in names:
         kind = "lora"
         try:
