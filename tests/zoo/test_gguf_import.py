@@ -25,7 +25,7 @@ from runtime.request import Request
 from runtime.sampling_params import SamplingParams
 from runtime.scheduler_output import ScheduledChunk, SchedulerOutput
 from tests.zoo.gguf_files import TinySpec, write_tiny_gguf
-from tests.zoo.zoo_helpers import open_zoo, store_files
+from tests.zoo.zoo_helpers import add_tenant, open_zoo, store_files
 from zoo.registry import Zoo
 
 ARCHS = ("llama", "qwen2")
@@ -189,3 +189,14 @@ def test_same_file_twice_stores_nothing_new(imported: dict[str, Imported]) -> No
     assert report.blocks_new == 0 and report.bytes_new == 0
     assert store_files(item.zoo) == before
     assert item.zoo.resolve(None, "llama-q4-again").entries == item.zoo.resolve(None, "llama-q4").entries
+
+
+def test_gguf_fine_tune_registers_on_its_base(imported: dict[str, Imported]) -> None:
+    item = imported["qwen2"]
+    zoo = item.zoo
+    add_tenant(zoo, "acme")
+    report = zoo.register("acme", "tuned", item.folder / item.name, base="qwen2-q4")
+    assert (report.kind, report.base, report.blocks_new) == ("full", "qwen2-q4", 0)
+    tuned = zoo.resolve("acme", "tuned")
+    base = zoo.resolve(None, "qwen2-q4")
+    assert tuned.entries == base.entries and tuned.tokenizer_id == base.tokenizer_id
