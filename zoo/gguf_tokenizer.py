@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import PreTokenizer
 
 from router.chat_template import ChatTemplateError, validate_template
@@ -149,6 +149,28 @@ def chat_template(metadata: dict[str, Any]) -> str | None:
     return template
 
 
+def _add_bos_eos(tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+    """Put BOS/EOS around every encoding when the file asks for it, in tokenizer.json itself (a
+    loaded tokenizer.json keeps its own post-processor whatever tokenizer_config.json says)."""
+    bos = config["bos_token"] if config.get("add_bos_token") else None
+    eos = config["eos_token"] if config.get("add_eos_token") else None
+    if bos is None and eos is None:
+        return
+    first = f"{bos} " if bos is not None else ""
+    last = f" {eos}" if eos is not None else ""
+    specials = []
+    for token in dict.fromkeys(t for t in (bos, eos) if t is not None):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise GGUFError(f"GGUF special token {token[:40]!r} is not in the vocabulary")
+        specials.append((token, token_id))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{first}$A{last}",
+        pair=f"{first}$A{last} {first}$B:1{last}",
+        special_tokens=specials,
+    )
+
+
 def write_tokenizer(metadata: dict[str, Any], folder: Path) -> None:
     """Write the tokenizer folder (tokenizer.json, tokenizer_config.json) for the file's metadata."""
     kind = metadata.get("tokenizer.ggml.model")
@@ -165,6 +187,7 @@ def write_tokenizer(metadata: dict[str, Any], folder: Path) -> None:
         value = metadata.get(f"tokenizer.ggml.{flag}")
         if value is not None:
             config[flag] = bool(value)
+    _add_bos_eos(tokenizer, config)
     template = chat_template(metadata)
     if template is not None:
         config["chat_template"] = template

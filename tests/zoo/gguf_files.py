@@ -127,6 +127,8 @@ def write_tiny_gguf(
     chat_template: str = CHAT_TEMPLATE,
     tokenizer_model: str = "gpt2",
     pre: str | None = None,
+    add_bos: bool = False,
+    add_eos: bool | None = None,
 ) -> Path:
     """Write a tiny `spec.arch` model to `path` as llama.cpp's converter would."""
     arch = spec.arch
@@ -167,7 +169,9 @@ def write_tiny_gguf(
     writer.add_uint32("tokenizer.ggml.eos_token_id", tokens.index("<|im_end|>"))
     writer.add_uint32("tokenizer.ggml.unknown_token_id", tokens.index("<|endoftext|>"))
     writer.add_uint32("tokenizer.ggml.padding_token_id", tokens.index("<|endoftext|>"))
-    writer.add_bool("tokenizer.ggml.add_bos_token", False)
+    writer.add_bool("tokenizer.ggml.add_bos_token", add_bos)
+    if add_eos is not None:
+        writer.add_bool("tokenizer.ggml.add_eos_token", add_eos)
     writer.add_string("tokenizer.chat_template", chat_template)
 
     _add(

@@ -200,3 +200,16 @@ def test_gguf_fine_tune_registers_on_its_base(imported: dict[str, Imported]) -> 
     tuned = zoo.resolve("acme", "tuned")
     base = zoo.resolve(None, "qwen2-q4")
     assert tuned.entries == base.entries and tuned.tokenizer_id == base.tokenizer_id
+
+
+@pytest.mark.parametrize(("add_bos", "add_eos"), [(True, None), (True, True), (False, True)])
+def test_bos_and_eos_flags_match_transformers(add_bos: bool, add_eos: bool | None, tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "t.gguf", TinySpec("llama"), add_bos=add_bos, add_eos=add_eos)
+    zoo = open_zoo(tmp_path / "zoo")
+    zoo.add_base("t", path, dequantize=True)
+    ours = load_tokenizer(zoo.tokenizer_path(zoo.resolve(None, "t")))
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    for text in ("hello world", "", "<|im_start|>x"):
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+    ids = ours("hello")["input_ids"]
+    assert (ids[0] == ours.bos_token_id) is add_bos and (ids[-1] == ours.eos_token_id) is bool(add_eos)
