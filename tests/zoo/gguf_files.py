@@ -106,6 +106,17 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def _random_blocks(shape: tuple[int, ...], qtype: Q) -> np.ndarray:
+    """Blocks of `qtype` gguf cannot quantize to: Q6_K with random codes and sub-scales and a small
+    fp16 scale (its last two bytes), any other type all zeros."""
+    data = np.zeros(quant_shape_to_byte_shape(shape, qtype), dtype=np.uint8)
+    if qtype == Q.Q6_K:
+        blocks = data.reshape(-1, 210)
+        blocks[:] = np.random.default_rng(0).integers(0, 256, blocks.shape, dtype=np.uint8)
+        blocks[:, 208:] = np.full(len(blocks), 0.0005, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+    return data
+
+
 def _add(writer: GGUFWriter, name: str, weight: np.ndarray, qtype: Q) -> None:
     if qtype == Q.F32:
         writer.add_tensor(name, weight.astype(np.float32))
@@ -114,8 +125,8 @@ def _add(writer: GGUFWriter, name: str, weight: np.ndarray, qtype: Q) -> None:
     else:
         try:
             data = quantize(weight.astype(np.float32), qtype)
-        except NotImplementedError:  # a type gguf cannot write (Q8_1, say): bytes of the right size
-            data = np.zeros(quant_shape_to_byte_shape(weight.shape, qtype), dtype=np.uint8)
+        except NotImplementedError:  # a type gguf cannot write: bytes of the right size
+            data = _random_blocks(weight.shape, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype)
 
 

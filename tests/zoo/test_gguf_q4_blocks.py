@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM
 from kernels.w4a16_format import PackedW4, dequantize
 from runtime.linear import Int4Linear, make_linear
 from tests.zoo.gguf_files import LAYER_TYPES, TinySpec, write_tiny_gguf
+from tests.zoo.test_gguf_import import last_logits
+from tests.zoo.zoo_helpers import open_zoo
 from zoo.gguf_import import GGUFImport, import_gguf
 
 Q4 = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
@@ -111,3 +113,37 @@ def test_dequantize_option_stores_dense_fp32(tmp_path: Path) -> None:
     tensor = reader["blk.0.ffn_up.weight"]
     dense = imported.split.blocks[1].tensors["mlp.up_proj.weight"]
     assert torch.equal(dense, torch.from_numpy(np.asarray(gguf_dequantize(tensor.data, tensor.tensor_type))))
+
+
+def test_other_types_are_dequantized_exactly_and_bf16_kept(tmp_path: Path) -> None:
+    """Q5_0 and the K-quant Q6_K are dequantized exactly (fp32), BF16 is stored as bf16; the chain
+    of such a file gives transformers' logits."""
+    spec = TinySpec("llama", hidden=256, heads=4, kv_heads=2, intermediate=256)
+    types = [
+        {**LAYER_TYPES[0], "ffn_down": GGMLQuantizationType.Q6_K, "ffn_up": GGMLQuantizationType.Q5_0},
+        {**LAYER_TYPES[0], "attn_v": GGMLQuantizationType.BF16, "attn_output": GGMLQuantizationType.Q6_K},
+    ]
+    path = write_tiny_gguf(tmp_path / "k.gguf", spec, seed=9, layer_types=types)
+    reader = {t.name: t for t in GGUFReader(path).tensors}
+    with import_gguf(path) as imported:
+        layers = [b.tensors for b in imported.split.blocks[1:3]]
+    for layer, gguf_name, name in (
+        (0, "ffn_down", "mlp.down_proj.weight"),
+        (0, "ffn_up", "mlp.up_proj.weight"),
+        (1, "attn_output", "self_attn.o_proj.weight"),
+        (1, "attn_v", "self_attn.v_proj.weight"),
+    ):
+        tensor = reader[f"blk.{layer}.{gguf_name}.weight"]
+        expected = torch.from_numpy(np.asarray(gguf_dequantize(tensor.data, tensor.tensor_type)))
+        ours = layers[layer][name]
+        assert ours.dtype == (torch.bfloat16 if gguf_name == "attn_v" else torch.float32)
+        assert torch.equal(ours.float(), expected), name
+        assert bool(expected.abs().max() > 0)
+    zoo = open_zoo(tmp_path / "zoo")
+    zoo.add_base("k", path, dequantize=True)
+    chain = zoo.load_chain(zoo.resolve(None, "k"), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32)
+    prompt = [5, 17, 99, 254, 31, 8, 77]
+    with torch.no_grad():
+        expected_logits = model(torch.tensor([prompt])).logits[0, -1]
+    assert torch.allclose(last_logits(chain, prompt), expected_logits, atol=1e-4, rtol=1e-4)
