@@ -5,7 +5,8 @@
 SmolLM2-135M-Instruct (30 layers, hidden 576, 9 heads / 3 KV heads, vocab 49152, tied head) from
 `smollm2_hf_dir()` is registered as a base and `Zoo.quantize` makes its RTN group-32 twin (the 4-bit
 chain the server runs with BLOCKZOO_WEIGHTS_QUANTIZATION=w4a16-g32-rtn; activations fp32, as the
-server's default dtype). For each chain and batch size, one `LLMEngine` (no HTTP) holds B requests
+server's default dtype). The GGUF file itself is registered too (`q4_1`: its Q4_1 layer blocks kept as
+4-bit with a float offset per group, its Q8_0 embedding dequantized). For each chain and batch size, one `LLMEngine` (no HTTP) holds B requests
 with 32-token prompts; after they are prefilled, decode steps are timed one by one.
 
 Per step it reports the wall time (median) and the process's CPU time (median), and splits the step
@@ -32,17 +33,19 @@ import torch
 
 from benchmarks.report import table
 from blockzoo.settings import Settings
-from blockzoo.smollm2 import smollm2_hf_dir
+from blockzoo.smollm2 import smollm2_gguf, smollm2_hf_dir
 from runtime.chain import Chain
 from runtime.checkpoint_loader import load_tokenizer
 from runtime.engine import LLMEngine
 from runtime.sampling_params import SamplingParams
 from zoo.block_store import BlockStore
 from zoo.catalog.database import open_catalog
+from zoo.errors import NotFoundError
 from zoo.quantize import QuantizeOptions
 from zoo.registry import Zoo
 
 BASE = "smollm2"
+GGUF_BASE = "smollm2-q4-1"
 QUANT = QuantizeOptions(group_size=32)
 PROMPT_TOKENS = 32
 PARTS = ("schedule", "prepare", "embed", "layers", "head", "sample", "outputs")
@@ -62,6 +65,10 @@ def open_smollm2_zoo(root: Path) -> Zoo:
     if fresh:
         zoo.add_base(BASE, smollm2_hf_dir())
         zoo.quantize(None, BASE, QUANT)
+    try:
+        zoo.resolve(None, GGUF_BASE)
+    except NotFoundError:
+        zoo.add_base(GGUF_BASE, smollm2_gguf())
     return zoo
 
 
@@ -169,7 +176,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--workdir", type=Path, default=Path(".blockzoo/bench/decode_step"))
     ap.add_argument("--profile", action="store_true", help="also group the step's ops with torch's profiler")
-    ap.add_argument("--chains", default="fp32,int4", help="which chains, comma-separated")
+    ap.add_argument("--chains", default="fp32,int4,q4_1", help="which chains, comma-separated")
     ap.add_argument("--batches", default="1,16", help="batch sizes, comma-separated")
     args = ap.parse_args()
     if args.threads:
@@ -184,6 +191,7 @@ def main() -> None:
     chains = {
         "fp32": lambda: zoo.load_chain(ref, torch.float32),
         "int4": lambda: zoo.load_chain(ref, torch.float32, quantization=QUANT.label),
+        "q4_1": lambda: zoo.load_chain(zoo.resolve(None, GGUF_BASE), torch.float32),
     }
     rows: list[list[object]] = []
     headline: dict[str, float] = {}

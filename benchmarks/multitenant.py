@@ -1,11 +1,14 @@
 """Many models in one batch: BlockZoo against transformers + peft, and against itself unshared.
 
-    .venv/bin/python -m benchmarks.multitenant [--quick] [--num-requests N] [--workdir DIR]
-        [--prefix-cache-sharing tenant|public_bases|global]
+    .venv/bin/python -m benchmarks.multitenant [--model random|smollm2] [--quick] [--num-requests N]
+        [--workdir DIR] [--prefix-cache-sharing tenant|public_bases|global]
 
 The zoo of benchmarks/zoo_dedup.py (a Llama-shaped base, 16 LoRA adapters of ranks 8-64 on four
 sets of targets, 4 full fine-tunes of the top layers), registered through `Zoo.register` by four
-tenants. 256 requests spread uniformly at random over the 21 models, lognormal (ShareGPT-shaped)
+tenants. With `--model smollm2` the base is the real SmolLM2-135M-Instruct (30 layers, hidden 576,
+fp32 weights from `smollm2_hf_dir()`), with the same 16 adapters and 4 top-layer fine-tunes made on it
+(random but realistic deltas: adapters with A ~ N(0, 1/K) and B ~ N(0, 0.01²), top layers with 5%
+noise); `--quick` then keeps all 30 layers and serves fewer, shorter requests. 256 requests spread uniformly at random over the 21 models, lognormal (ShareGPT-shaped)
 prompt and output lengths, random token ids, greedy, every request at t=0. A request for a tenant's
 model comes from its owner; one for the base from the four tenants in turn, and BlockZoo salts its
 prefix-cache pages as the server's `prefix_cache_sharing` setting says (default: per tenant). Served by:
@@ -18,8 +21,11 @@ prefix-cache pages as the server's `prefix_cache_sharing` setting says (default:
 (a) and (c) run twice each in the order a c c a and report their faster run (background load only
 ever slows a run down); (b) runs once. Weights are
 fp32 in every system. Then (a) once more on prompts that share a 32-token prefix, for how often KV
-pages are shared across models. Prints, last:
-`headline: vs_hf_peft=<tok/s a over b> mem_vs_hf_peft=<peak weights a over b> vs_unshared=<tok/s a over c>`.
+pages are shared across models. The compute floor (benchmarks/multitenant_floor.py: the workload's
+matmul, LoRA and attention FLOPs at this machine's best measured fp32 matmul rate per shape, measured
+in the same run) is printed with each system's time as a multiple of it. Prints, last:
+`headline: vs_hf_peft=<tok/s a over b> mem_vs_hf_peft=<peak weights a over b> vs_unshared=<tok/s a over c>
+floor_multiple=<wall s of a over the floor>`.
 """
 
 from __future__ import annotations
@@ -36,10 +42,24 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.multitenant_floor import Floor, compute_floor
 from benchmarks.multitenant_systems import ModelRequest, SystemResult, run_blockzoo, run_hf_peft
 from benchmarks.report import table
 from benchmarks.workload import BenchRequest, ShareGPTShape
-from benchmarks.zoo_workload import BASE_NAME, TENANTS, Workload, WorkloadSpec, build_workload, open_zoo
+from benchmarks.zoo_workload import (
+    BASE_NAME,
+    LORA_RANKS,
+    LORA_TARGETS,
+    NUM_FULL_TOP,
+    TENANTS,
+    Workload,
+    WorkloadModel,
+    WorkloadSpec,
+    build_workload,
+    make_lora_adapter,
+    make_top_layer_fine_tune,
+    open_zoo,
+)
 from blockzoo.settings import Settings
 from zoo.kv_layout import kv_cuts
 from zoo.registry import Zoo
@@ -52,8 +72,48 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build(root: Path, spec: WorkloadSpec) -> tuple[Workload, Zoo]:
-    workload = build_workload(root / "checkpoints", spec, log, include_slight=False)
+# SmolLM2-135M-Instruct's shapes (its config.json), for the floor and the workload's description.
+SMOLLM2_SPEC = WorkloadSpec(
+    num_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    vocab_size=49152,
+    num_heads=9,
+    num_kv_heads=3,
+    top_layers=3,
+    dtype=torch.float32,
+)
+
+
+def build_smollm2_workload(root: Path, spec: WorkloadSpec) -> Workload:
+    """The 16 adapters and the top-layer fine-tunes of zoo_workload, made on SmolLM2's fp32 weights."""
+    from blockzoo.smollm2 import smollm2_hf_dir
+
+    start = time.perf_counter()
+    base = smollm2_hf_dir()
+    models: list[WorkloadModel] = []
+    i = 0
+    for targets_name, targets in LORA_TARGETS.items():
+        for rank in LORA_RANKS:
+            name = f"lora-{targets_name}-r{rank}"
+            log(f"adapter {len(models) + 1}/16: {name}")
+            make_lora_adapter(base, root / name, rank, targets, seed=100 + i, dtype=spec.dtype)
+            models.append(WorkloadModel(name, "lora", TENANTS[i % len(TENANTS)], root / name))
+            i += 1
+    top = list(range(spec.num_layers - spec.top_layers, spec.num_layers))
+    for k in range(NUM_FULL_TOP):
+        name = f"full-top{spec.top_layers}-{k}"
+        log(f"full fine-tune {k + 1}/{NUM_FULL_TOP}: {name} (layers {top} changed)")
+        make_top_layer_fine_tune(base, root / name, top, seed=200 + k, noise=spec.top_noise)
+        models.append(WorkloadModel(name, "full-top", TENANTS[(i + k) % len(TENANTS)], root / name))
+    return Workload(base, models, time.perf_counter() - start)
+
+
+def build(root: Path, spec: WorkloadSpec, model: str) -> tuple[Workload, Zoo]:
+    if model == "smollm2":
+        workload = build_smollm2_workload(root / "checkpoints", spec)
+    else:
+        workload = build_workload(root / "checkpoints", spec, log, include_slight=False)
     zoo = open_zoo(root / "zoo")
     log(f"registering the base and {len(workload.models)} models")
     zoo.add_base(BASE_NAME, workload.base)
@@ -96,50 +156,24 @@ def row(r: SystemResult) -> list[object]:
     ]
 
 
-def matmul_rate(spec: WorkloadSpec, rows: int = 64, rounds: int = 7) -> float:
-    """This machine's fp32 matmul rate, FLOP/s, on a [rows, hidden] x [hidden, intermediate] product.
-
-    The best of several short rounds: other jobs on a shared machine only ever slow a round down, and
-    a rate measured under load would put the floor too high (a system could then "beat" it).
-    """
-    x = torch.randn(rows, spec.hidden_size)
-    w = torch.randn(spec.intermediate_size, spec.hidden_size)
-    for _ in range(3):
-        x @ w.t()
-    calls, best = 20, 0.0
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            x @ w.t()
-        flops = 2 * rows * spec.hidden_size * spec.intermediate_size * calls
-        best = max(best, flops / (time.perf_counter() - start))
-        time.sleep(0.2)
-    return best
-
-
-def print_floor(spec: WorkloadSpec, requests: list[ModelRequest], a: SystemResult, b: SystemResult) -> None:
-    """How close to compute-bound the systems are: the workload's matmul FLOPs at this machine's rate."""
-    h, kv = spec.hidden_size, spec.hidden_size * spec.num_kv_heads // spec.num_heads
-    layer = 2 * h * h + 2 * h * kv + 3 * h * spec.intermediate_size
-    body, head = spec.num_layers * layer, spec.vocab_size * h
-    # Every prompt token runs the layers; every generated token runs the layers and the head.
-    flops = sum(2 * body * len(r.request.prompt) + 2 * (body + head) * r.request.output_len for r in requests)
-    rate = matmul_rate(spec)
-    floor = flops / rate
-    print(
-        f"compute floor: {flops / 1e9:,.0f} GFLOP of base-model matmuls (LoRA and attention left out) at"
-        f" {rate / 1e9:.0f} GFLOP/s (this machine, 64-row fp32 matmul) = {floor:.1f} s. BlockZoo takes"
-        f" {a.seconds / floor:.1f}x that, transformers+peft {b.seconds / floor:.1f}x; so no system could beat"
-        f" transformers+peft by more than {b.seconds / floor:.1f}x here"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 layers (top 1 fine-tuned), shorter requests")
-    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--model", choices=["random", "smollm2"], default="random", help="the base model")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="random: 4 layers (top 1 fine-tuned), shorter requests; smollm2: 96 shorter requests",
+    )
+    ap.add_argument("--num-requests", type=int, default=None, help="default 256 (smollm2 --quick: 96)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for every system and the floor (default: torch's choice). On a machine"
+        " shared with other jobs, 1 avoids OpenMP waiting on a descheduled second thread at every op",
+    )
     ap.add_argument(
         "--prefix-cache-sharing",
         choices=["tenant", "public_bases", "global"],
@@ -147,24 +181,32 @@ def main() -> None:
         help="who shares prefix-cache pages (the server setting of that name; default: per tenant)",
     )
     args = ap.parse_args()
-    spec = WorkloadSpec(num_layers=4, top_layers=1) if args.quick else WorkloadSpec()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        spec = SMOLLM2_SPEC
+        num_requests = args.num_requests or (96 if args.quick else 256)
+    else:
+        spec = WorkloadSpec(num_layers=4, top_layers=1) if args.quick else WorkloadSpec()
+        num_requests = args.num_requests or 256
     shape = ShareGPTShape(scale=16 if args.quick else 8)
     started = time.perf_counter()
     print(
-        f"# benchmarks/multitenant.py{' --quick' if args.quick else ''}"
-        f" --prefix-cache-sharing {args.prefix_cache_sharing}\n"
+        f"# benchmarks/multitenant.py --model {args.model}{' --quick' if args.quick else ''}"
+        f" --num-requests {num_requests} --prefix-cache-sharing {args.prefix_cache_sharing}"
+        f"{f' --threads {args.threads}' if args.threads else ''}\n"
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f};"
         f" torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     root = Path(tempfile.mkdtemp(prefix="multitenant-", dir=args.workdir))
     try:
-        workload, zoo = build(root, spec)
+        workload, zoo = build(root, spec, args.model)
         owners: dict[str, str | None] = {BASE_NAME: None} | {m.name: m.tenant for m in workload.models}
-        requests = make_requests(owners, args.num_requests, shape, spec.vocab_size, args.seed, [])
+        requests = make_requests(owners, num_requests, shape, spec.vocab_size, args.seed, [])
         # vLLM's default batch size (256 sequences): every request can be in one batch.
         settings = Settings(
             dtype="float32",
-            kv_cache_memory=512 * MiB,
+            kv_cache_memory=(1536 if args.model == "smollm2" else 512) * MiB,  # SmolLM2: 46 KiB of KV a token
             max_num_seqs=256,
             max_num_batched_tokens=1024,
             prefix_cache_sharing=args.prefix_cache_sharing,
@@ -185,9 +227,11 @@ def main() -> None:
         b = run_hf_peft(workload.base, adapters, full, BASE_NAME, requests, log)
         log("running BlockZoo on prompts with a shared prefix")
         prefix = [random.Random(args.seed + 1).randrange(5, spec.vocab_size) for _ in range(SHARED_PREFIX)]
-        shared = make_requests(owners, args.num_requests, shape, spec.vocab_size, args.seed, prefix)
+        shared = make_requests(owners, num_requests, shape, spec.vocab_size, args.seed, prefix)
         sharing = run_blockzoo(zoo, owners, BASE_NAME, workload.base, shared, settings, cuts, "shared", log)
-        report(args, spec, shape, requests, a, b, c, runs, sharing)
+        log("measuring the compute floor")
+        floor = compute_floor(spec, requests, adapters)
+        report(args, spec, shape, requests, a, b, c, runs, sharing, floor)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f}s")
@@ -196,6 +240,7 @@ def main() -> None:
         f"headline: vs_hf_peft={tput['a'] / tput['b']:.2f}"
         f" mem_vs_hf_peft={a.peak_weight_bytes / b.peak_weight_bytes:.3f}"
         f" vs_unshared={tput['a'] / tput['c']:.2f}"
+        f" floor_multiple={a.seconds / floor.seconds:.2f}"
     )
 
 
@@ -209,11 +254,12 @@ def report(
     c: SystemResult,
     runs: dict[str, list[SystemResult]],
     sharing: SystemResult,
+    floor: Floor,
 ) -> None:
     prompt = [len(r.request.prompt) for r in requests]
     output = [r.request.output_len for r in requests]
     print(
-        f"\n## Workload: base (hidden {spec.hidden_size}, {spec.num_layers} layers, vocab {spec.vocab_size}),"
+        f"\n## Workload: base {args.model} (hidden {spec.hidden_size}, {spec.num_layers} layers, vocab {spec.vocab_size}),"
         f" 16 LoRA adapters, 4 fine-tunes of the top {spec.top_layers} layer(s); {len(requests)} requests over"
         f" {len({r.model for r in requests})} models, all at t=0"
     )
@@ -234,7 +280,11 @@ def report(
         f" {sum(1 for x, y in zip(a.tokens, c.tokens, strict=True) if x == y)}/{len(requests)}"
     )
     print(f"BlockZoo engine: {a.notes}")
-    print_floor(spec, requests, a, b)
+    print(floor.describe())
+    print(
+        f"floor multiples (wall s / floor): BlockZoo {a.seconds / floor.seconds:.2f}x, transformers+peft"
+        f" {b.seconds / floor.seconds:.2f}x, BlockZoo per-block batching off {c.seconds / floor.seconds:.2f}x"
+    )
     hits = sharing.notes["segment_hit_tokens"]
     beyond = sharing.notes["segment_shared_beyond_start"]
     print(
