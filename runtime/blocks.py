@@ -57,6 +57,10 @@ class EmbedBlock:
         return F.embedding(token_ids, self.weight)
 
 
+# Logits the bf16 LM head rescores exactly in fp32 (see HeadBlock.forward).
+RESCORE_TOP = 32
+
+
 class HeadBlock:
     """Final RMSNorm plus the LM head: hidden states → logits (fp32)."""
 
@@ -88,7 +92,13 @@ class HeadBlock:
             if self._bf16_head is None:
                 # Built on first use: a block shared with a dense chain keeps its fp32 head for that one.
                 self._bf16_head = self.lm_head.to(torch.bfloat16)
-            return F.linear(h.to(torch.bfloat16), self._bf16_head).float()
+            logits = F.linear(h.to(torch.bfloat16), self._bf16_head).float()
+            # bf16 output rounds logits near 20 to steps of 1/8, enough to swap the top two tokens
+            # (seen on SmolLM2: "Paris" lost the argmax). The candidates that decide greedy and top-k
+            # sampling are rescored exactly from the fp32 head; the tail keeps bf16 precision.
+            top = logits.topk(min(RESCORE_TOP, logits.shape[-1]), dim=-1).indices
+            exact = torch.einsum("rh,rkh->rk", h.float(), self.lm_head[top].float())
+            return logits.scatter_(-1, top, exact)
         return vocab_linear(h, self.lm_head).float()
 
 
