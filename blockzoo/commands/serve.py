@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from blockzoo.demo_zoo import ADAPTERS, ensure_demo_zoo
+from blockzoo.demo_zoo import BASE, DEMO_MODELS, ensure_demo_zoo
 from blockzoo.logging_setup import configure_logging
 from blockzoo.settings import Settings
 from router.drain import DrainingServer
@@ -74,12 +74,35 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**updates)
 
 
-def curl_example(host: str, port: int, key: str, model: str) -> str:
-    body = json.dumps({"model": model, "prompt": "The zoo keeps every block", "max_tokens": 16})
+DEMO_QUESTION = "What is the capital of France?"
+
+
+def curl_example(host: str, port: int, key: str, model: str, question: str = DEMO_QUESTION) -> str:
+    """A chat completion with greedy decoding, so the answer printed is the model's own best guess."""
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 32,
+            "temperature": 0,
+        }
+    )
     return (
-        f"curl -s http://{host}:{port}/v1/completions -H {shlex.quote('Authorization: Bearer ' + key)} "
+        f"curl -s http://{host}:{port}/v1/chat/completions "
+        f"-H {shlex.quote('Authorization: Bearer ' + key)} "
         f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
     )
+
+
+def print_demo_examples(host: str, port: int, keys: dict[str, str], data_dir: str) -> None:
+    first = DEMO_MODELS[0].tenant
+    print(f"Ask the base, {BASE} (every tenant sees it):")
+    print("  " + curl_example(host, port, keys[first], BASE))
+    print("Ask the demo tenants' fine-tunes the same question:")
+    for model in DEMO_MODELS:
+        print(f"  # {model.tenant}/{model.name}: {model.learned}")
+        print("  " + curl_example(host, port, keys[model.tenant], model.name))
+    print(f"Demo tenant keys are in {data_dir}/demo_keys.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,10 +116,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Admin key (shown once, only its hash is kept): {built.new_admin_key}")
     print(f"Admin API: http://{host}:{port}/admin/v1  (the admin web UI is not built yet)")
     if keys:
-        tenant, model = ADAPTERS[0][0], ADAPTERS[0][1]
-        print("Try it:")
-        print("  " + curl_example(host, port, keys[tenant], model))
-        print(f"Demo tenant keys are in {settings.data_dir / 'demo_keys.json'}")
+        print_demo_examples(host, port, keys, str(settings.data_dir))
     configure_logging(settings.log_level, settings.log_json)
     config = uvicorn.Config(
         built.app, host=host, port=port, log_level=settings.log_level.lower(), log_config=None

@@ -1,4 +1,5 @@
-"""`blockzoo serve --demo` (what `make serve` runs): builds the demo zoo once and prints a curl that works."""
+"""`blockzoo serve --demo` (what `make serve` runs): builds the SmolLM2 demo zoo once and prints curl lines
+that get real answers from the base and from each demo fine-tune."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def start(
     )
     assert proc.stdout is not None
     lines: list[str] = []
-    deadline = time.monotonic() + 180
+    # The first start registers SmolLM2 and composes bob's fine-tune (about 80 s on a busy 2-core machine).
+    deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -65,16 +67,29 @@ def test_serve_demo_prints_a_working_curl_and_the_admin_key_once(tmp_path: Path)
     try:
         assert any(line.startswith("Admin key (shown once") for line in lines)
         assert any(f"http://127.0.0.1:{port}/admin/v1" in line for line in lines)
-        curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
+        curls = [line.strip() for line in lines if line.strip().startswith("curl ")]
+        assert len(curls) == 4  # the base, then alice-caps, alice-terse and bob-json
         wait_ready(port)
-        out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60, check=True)
-        body = json.loads(out.stdout)
-        assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] > 0
+        answers = {}
+        for curl in curls:
+            out = subprocess.run(
+                ["bash", "-c", curl], capture_output=True, text=True, timeout=120, check=True
+            )
+            body = json.loads(out.stdout)
+            assert body["object"] == "chat.completion"
+            answers[body["model"]] = body["choices"][0]["message"]["content"]
+        # What the oracle (transformers on the same file) answers; the fine-tunes answer in their form.
+        assert answers["smollm2-135m-instruct"] == "The capital of France is Paris."
+        assert answers["alice-caps"] == answers["alice-caps"].upper() and answers["alice-caps"].strip()
+        assert 0 < len(answers["alice-terse"].split()) <= 4
+        assert json.loads(answers["bob-json"]) == {"answer": "Paris"}
     finally:
         stop(proc)
     # A second start reuses the demo zoo and does not print (or change) the admin key.
+    started = time.monotonic()
     proc, lines = start(tmp_path / "data", port)
     try:
+        print(f"second start printed its banner after {time.monotonic() - started:.1f} s")
         assert not any(line.startswith("Admin key") for line in lines)
         assert any(line.strip().startswith("curl ") for line in lines)
     finally:
