@@ -3,18 +3,48 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from blockzoo.demo_zoo import BASE, ensure_demo_zoo
+from blockzoo.settings import Settings
+from blockzoo.zoo_factory import open_zoo
 from tests.blockzoo.test_serve_command import start, wait_ready
 from tests.router.live_server import free_port
 
 DRAIN_TIMEOUT_S = 60
-LONG = 1500
+# SmolLM2 decodes one stream at 4-20 tokens/s on a busy 2-core machine: 120 tokens outlast the checks
+# after SIGTERM and still finish inside the 60 s drain.
+LONG = 120
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo zoo built once for this module, as the first `serve --demo` builds it."""
+    root = tmp_path_factory.mktemp("demo") / "data"
+    settings = Settings(data_dir=root)
+    ensure_demo_zoo(settings, open_zoo(settings), say=lambda _: None)
+    return root
+
+
+def data_copy(demo: Path, dest: Path) -> Path:
+    """A private copy of the demo's data dir; block files are immutable, so they are hard links."""
+
+    def copy(src: str, dst: str) -> None:
+        if f"{os.sep}store{os.sep}" in src:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(demo, dest, copy_function=copy)
+    return dest
 
 
 class Stream(threading.Thread):
@@ -31,7 +61,7 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         body = {
-            "model": "demo-base",
+            "model": BASE,
             "prompt": "drain me",
             "max_tokens": LONG,
             "ignore_eos": True,
@@ -63,10 +93,11 @@ class Stream(threading.Thread):
             self.first_chunk.set()
 
 
-def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(tmp_path: Path) -> None:
+def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(tmp_path: Path, demo_data: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc, _ = start(tmp_path / "data", port, {"BLOCKZOO_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
+    data = data_copy(demo_data, tmp_path / "data")
+    proc, _ = start(data, port, {"BLOCKZOO_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)})
     try:
         wait_ready(port)
         key = json.loads((tmp_path / "data" / "demo_keys.json").read_text())["demo-alice"]
@@ -82,7 +113,7 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(tmp_path: Pat
         assert httpx.get(url + "/ready", timeout=5).status_code == 503
         refused = httpx.post(
             url + "/v1/completions",
-            json={"model": "demo-base", "prompt": "late", "max_tokens": 2},
+            json={"model": BASE, "prompt": "late", "max_tokens": 2},
             headers={"Authorization": f"Bearer {key}"},
             timeout=10,
         )
@@ -101,10 +132,11 @@ def test_sigterm_drains_in_flight_streams_and_refuses_new_requests(tmp_path: Pat
             proc.wait(timeout=30)
 
 
-def test_drain_timeout_ends_what_still_runs_with_an_error_event(tmp_path: Path) -> None:
+def test_drain_timeout_ends_what_still_runs_with_an_error_event(tmp_path: Path, demo_data: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc, _ = start(tmp_path / "data", port, {"BLOCKZOO_DRAIN_TIMEOUT_S": "1"})
+    data = data_copy(demo_data, tmp_path / "data")
+    proc, _ = start(data, port, {"BLOCKZOO_DRAIN_TIMEOUT_S": "1"})
     try:
         wait_ready(port)
         key = json.loads((tmp_path / "data" / "demo_keys.json").read_text())["demo-bob"]
