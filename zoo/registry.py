@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,13 +20,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from runtime.chain import Chain
 from runtime.checkpoint_loader import load_tokenizer
-from runtime.errors import MissingFileError
 from runtime.model_config import ModelConfig
 from runtime.residency import BlockResidency
 from zoo.adapter_chain import adapter_chain
 from zoo.base_matching import base_for_adapter, base_for_checkpoint
 from zoo.block_store import BlockStore, GcReport
-from zoo.bounded_json import check_model_json
 from zoo.catalog.models import BaseModel, Block, ChainEntryDelta, Delta, Model, Tenant
 from zoo.catalog.models import ChainEntry as ChainEntryRow
 from zoo.catalog.types import ModelKind, ModelStatus
@@ -40,19 +37,18 @@ from zoo.errors import (
 )
 from zoo.finetune_plan import FineTuneOptions, plan_fine_tune
 from zoo.gguf_file import is_gguf
-from zoo.gguf_import import import_gguf
+from zoo.model_source import Progress as Progress
+from zoo.model_source import check_folder, checkpoint_source, has_tokenizer
 from zoo.model_writer import write_model
 from zoo.names import check_not_a_base_name, shape_digest, validate_model_name
 from zoo.peft_adapter import is_peft_adapter
 from zoo.quantize import QuantizeOptions
 from zoo.reports import RegistrationReport
-from zoo.splitter import SplitCheckpoint, split_checkpoint
+from zoo.splitter import SplitCheckpoint
 from zoo.tenant_charge import charge_beyond_base
 from zoo.variants import QuantizeReport, quantize_model, variant_entries
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, float], None]
 
 
 class ModelRef(NamedTuple):
@@ -94,7 +90,7 @@ class Zoo:
                 raise DuplicateNameError(
                     f"a tenant's model is named {name!r}; a base needs a name of its own"
                 )
-        with self._source(Path(folder), progress, dequantize) as (split, tokenizer_dir):
+        with checkpoint_source(Path(folder), progress, dequantize) as (split, tokenizer_dir):
             return self._add_base(name, split, tokenizer_dir, progress, start)
 
     def _add_base(
@@ -159,11 +155,11 @@ class Zoo:
             check_not_a_base_name(session, name)
         gguf = is_gguf(folder)
         if not gguf:
-            _check_folder(folder)
+            check_folder(folder)
         if not gguf and is_peft_adapter(folder):
             report = self._register_adapter(tenant_id, name, folder, base, progress)
         else:
-            with self._source(folder, progress, dequantize) as (split, tokenizer_dir):
+            with checkpoint_source(folder, progress, dequantize) as (split, tokenizer_dir):
                 report = self._register_full(
                     tenant_id, name, split, tokenizer_dir, base, progress, options or FineTuneOptions()
                 )
@@ -281,27 +277,6 @@ class Zoo:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _split(self, folder: Path, progress: Progress | None) -> SplitCheckpoint:
-        _check_folder(folder)
-        return split_checkpoint(folder, progress=_hashing(progress))
-
-    @contextmanager
-    def _source(
-        self, path: Path, progress: Progress | None, dequantize: bool
-    ) -> Iterator[tuple[SplitCheckpoint, Path]]:
-        """The checkpoint at `path` split into blocks, and the folder its tokenizer files are in.
-
-        A GGUF file is recognised by its magic bytes, never by its name; its tokenizer folder is a
-        temporary one, gone when the registration is over.
-        """
-        if is_gguf(path):
-            with import_gguf(path, dequantize, progress=_hashing(progress)) as imported:
-                yield imported.split, imported.tokenizer_dir
-            return
-        if dequantize:
-            raise RegistrationError("dequantize applies to GGUF files only")
-        yield self._split(path, progress), path
-
     def _tenant_id(self, tenant: str) -> int:
         with self.sessions() as session:
             tid = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
@@ -412,24 +387,3 @@ class Zoo:
             )
             tokenizers = {t for t in session.scalars(select(Model.tokenizer_id)) if t}
         return self.store.gc(blocks, referenced_deltas=deltas, referenced_tokenizers=tokenizers)
-
-
-def _hashing(progress: Progress | None) -> Callable[[int, int], None]:
-    def tick(done: int, total: int) -> None:
-        if progress is not None:
-            progress("hashing blocks", done / max(total, 1))
-
-    return tick
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
-
-
-def _check_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise MissingFileError("the model folder is not a directory")
-    if not any(folder.iterdir()):
-        raise MissingFileError("the model folder is empty")
-    # Later stages read these files with plain `json`: bound them first (depth, number size).
-    check_model_json(folder)
