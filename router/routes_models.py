@@ -24,6 +24,7 @@ from router.principal import Principal
 from router.schemas import (
     JOB_LINKS,
     MAX_SUBSTITUTE_WITHIN,
+    UPLOAD_DOC,
     ChainEntryOut,
     Dedup,
     Deleted,
@@ -189,7 +190,7 @@ def models_router(allowed_paths: Sequence[Path], limits: UploadLimits) -> APIRou
     roots = [Path(p) for p in allowed_paths]
 
     @router.post(
-        "/fine-tunes", status_code=202, response_model=JobOut, openapi_extra={**_UPLOAD_DOC, **_JOB_LINKS}
+        "/fine-tunes", status_code=202, response_model=JobOut, openapi_extra={**UPLOAD_DOC, **_JOB_LINKS}
     )
     async def upload_fine_tune(
         request: Request, principal: TenantDep, services: ServicesDep, jobs: JobsDep
@@ -392,28 +393,3 @@ def model_detail(session: Session, model: Model, tenant: str | None) -> ModelDet
 
 
 _JOB_LINKS: dict[str, object] = {"responses": {"202": {"links": JOB_LINKS}}}
-_UPLOAD_DOC: dict[str, object] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["name", "files"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "base": {"type": "string"},
-                        "substitute_within": {
-                            "type": "number",
-                            "exclusiveMinimum": 0,
-                            "maximum": MAX_SUBSTITUTE_WITHIN,
-                        },
-                        "compress_delta": {"type": "boolean"},
-                        "dequantize": {"type": "boolean"},
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    },
-                }
-            }
-        },
-    }
-}

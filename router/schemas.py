@@ -253,3 +253,32 @@ class ListOf(BaseModel, Generic[T]):
 
     object: str = "list"
     data: list[T]
+
+
+# The multipart form of POST /v1/fine-tunes, for the OpenAPI document (FastAPI cannot derive it:
+# the route parses the body itself, streaming).
+UPLOAD_DOC: dict[str, object] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "files"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "base": {"type": "string"},
+                        "substitute_within": {
+                            "type": "number",
+                            "exclusiveMinimum": 0,
+                            "maximum": MAX_SUBSTITUTE_WITHIN,
+                        },
+                        "compress_delta": {"type": "boolean"},
+                        "dequantize": {"type": "boolean"},
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    },
+                }
+            }
+        },
+    }
+}
