@@ -37,7 +37,7 @@ def sampling_params(
 
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The conversation as plain dicts for the chat template (router/chat_template.py renders it)."""
+    """The conversation as plain dicts for the chat template (zoo/chat_template.py renders it)."""
     messages: list[dict[str, Any]] = []
     for m in req.messages:
         message: dict[str, Any] = {"role": m.role, "content": m.text}

@@ -24,9 +24,9 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from blockzoo.settings import Settings
-from router.chat_template import ChatTemplateError, ChatTemplates, template_of
 from router.errors import APIError
-from router.template_sandbox import RenderLimits
+from zoo.chat_template import ChatTemplateError, ChatTemplates, template_of
+from zoo.template_sandbox import RenderLimits
 
 T = TypeVar("T")
 NORMALIZATION_FOLD = 4

@@ -21,10 +21,11 @@ from fastapi.concurrency import run_in_threadpool
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from router.chat_template import ChatTemplateError, check_folder_templates, validate_template
 from router.errors import APIError
+from router.template_checks import check_folder_templates
 from runtime.errors import BlockZooError
 from zoo.bounded_json import JsonLimitError, read_json_object, read_safetensors_header
+from zoo.chat_template import ChatTemplateError, validate_template
 from zoo.gguf_config import gguf_raw_config
 from zoo.gguf_file import read_gguf
 from zoo.peft_adapter import AdapterConfigError, check_lora_numbers

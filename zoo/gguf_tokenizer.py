@@ -22,7 +22,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import PreTokenizer
 
-from router.chat_template import ChatTemplateError, validate_template
+from zoo.chat_template import ChatTemplateError, validate_template
 from zoo.gguf_file import GGUFError
 
 CONTROL, USER_DEFINED = 3, 4

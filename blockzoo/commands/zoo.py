@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from blockzoo.settings import Settings
 from blockzoo.zoo_factory import open_zoo
-from router.chat_template import ChatTemplateError, templates_in_folder, validate_template
 from runtime.errors import BlockZooError
 from zoo.calibration import CalibrationError, load_calibration_file
 from zoo.catalog.models import Model, Tenant
+from zoo.chat_template import ChatTemplateError, templates_in_folder, validate_template
 from zoo.finetune_plan import FineTuneOptions
 from zoo.quantize import METHODS, QuantizeOptions
 from zoo.reports import RegistrationReport

@@ -1,9 +1,12 @@
 """Chat templates rendered as tenant data: in a bounded sandbox, with the globals transformers provides.
 
 `ChatTemplates.render` gives the same text as `tokenizer.apply_chat_template(..., tokenize=False)` for
-real templates (ChatML, Llama-3, Qwen2/3, SmolLM2: see tests/router/test_chat_template.py), but every
-render is limited in time, output and value size (router/template_sandbox.py). `validate_template`
+real templates (ChatML, Llama-3, Qwen2/3, SmolLM2: see tests/zoo/test_chat_template.py), but every
+render is limited in time, output and value size (zoo/template_sandbox.py). `validate_template`
 is the registration-time check: a template must compile and render probe conversations within limits.
+
+It lives in the zoo because a template is registered content: the zoo checks it when a model (a GGUF
+file's metadata, say) is registered, and the router renders it per request.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.utils import Namespace
 
-from router.errors import APIError
-from router.template_sandbox import LimitedSandbox, RenderLimits, TemplateLimitError, bounded_render
+from zoo.template_sandbox import LimitedSandbox, RenderLimits, TemplateLimitError, bounded_render
 
 # ChatML: what most chat models expect when a tokenizer ships no template of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -289,16 +291,3 @@ def templates_in_folder(folder: Path) -> list[tuple[str, str | None]]:
                 if isinstance(item, dict) and isinstance(item.get("template"), str)
             )
     return found
-
-
-def check_folder_templates(folder: Path) -> None:
-    """Registration check: every chat template in `folder` validates (a 400 naming the file otherwise)."""
-    for name, source in templates_in_folder(folder):
-        if source is None:
-            raise APIError(400, f"{name} is not UTF-8 text", param="files", code="invalid_chat_template")
-        try:
-            validate_template(source)
-        except ChatTemplateError as exc:
-            raise APIError(
-                400, f"{name}: {exc.message}", param="files", code="invalid_chat_template"
-            ) from None

@@ -11,10 +11,11 @@ import jinja2
 import pytest
 
 from blockzoo.tiny_models import CHAT_TEMPLATE, TinyModelCache
-from router.chat_template import ChatTemplateError, ChatTemplates, check_folder_templates, validate_template
 from router.errors import APIError
-from router.template_sandbox import RenderLimits
+from router.template_checks import check_folder_templates
 from runtime.checkpoint_loader import load_tokenizer
+from zoo.chat_template import ChatTemplateError, ChatTemplates, validate_template
+from zoo.template_sandbox import RenderLimits
 
 SMOLLM2 = (
     "{% for message in messages %}"
