@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -178,15 +179,45 @@ async def _refuse(send: Send) -> None:
     await send({"type": "http.response.body", "body": _BODY})
 
 
+class EarlySignals:
+    """Remembers a SIGINT/SIGTERM that arrives while the server is still being built.
+
+    Building the engine and the demo zoo takes seconds to minutes before uvicorn installs its own
+    handlers. A signal in that window used to be lost: asyncio's runner turned it into a cancelled
+    startup that uvicorn went on from, and the server then ran as if never asked to stop. Installed
+    first thing, this handler records the signal and the server drains at once when it starts.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._record)
+
+    def _record(self, sig: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            print(f"{signal.Signals(sig).name}: stopping as soon as startup finishes", flush=True)
+        self.received = sig
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, with the first SIGTERM/SIGINT starting a drain of at most `timeout_s`."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, timeout_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, timeout_s: float, early: EarlySignals | None = None
+    ) -> None:
         config.timeout_graceful_shutdown = CANCEL_GRACE_S
         super().__init__(config)
         self.drain = drain
         self.timeout_s = timeout_s
+        self.early = early
         self._signal: str | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.early is not None and self.early.received is not None:
+            self.handle_exit(self.early.received, None)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain.draining or self.should_exit:

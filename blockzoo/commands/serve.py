@@ -13,7 +13,7 @@ import uvicorn
 from blockzoo.demo_zoo import BASE, DEMO_MODELS, ensure_demo_zoo
 from blockzoo.logging_setup import configure_logging
 from blockzoo.settings import Settings
-from router.drain import DrainingServer
+from router.drain import DrainingServer, EarlySignals
 from router.server import build_server
 
 
@@ -106,6 +106,8 @@ def print_demo_examples(host: str, port: int, keys: dict[str, str], data_dir: st
 
 
 def run(args: argparse.Namespace) -> int:
+    early = EarlySignals()
+    early.install()
     settings = settings_from_args(args)
     host = args.host or settings.host
     port = args.port or settings.port
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         built.app, host=host, port=port, log_level=settings.log_level.lower(), log_config=None
     )
-    server = DrainingServer(config, built.app.state.drain, settings.drain_timeout_s)
+    server = DrainingServer(config, built.app.state.drain, settings.drain_timeout_s, early)
     server.run()
     # uvicorn.run's rule: a server that never started (port taken, startup failed) is a failure.
     return 0 if server.started else 3
