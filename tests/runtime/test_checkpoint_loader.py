@@ -36,7 +36,7 @@ def test_same_dtype_weights_are_views_of_one_mapping(model_dir: Path) -> None:
     st = SafetensorsFile(model_dir / "model.safetensors")
     names = {
         "model.embed_tokens.weight": chain.embed.weight,
-        "model.layers.0.self_attn.q_proj.weight": chain.layers[0].q_proj.weight,
+        "model.layers.0.self_attn.o_proj.weight": chain.layers[0].o_proj.weight,
         "model.layers.1.mlp.down_proj.weight": chain.layers[1].down_proj.weight,
     }
     # Views of one mapping sit exactly as far apart in memory as their data sits in the file;
@@ -45,6 +45,20 @@ def test_same_dtype_weights_are_views_of_one_mapping(model_dir: Path) -> None:
     base = "model.embed_tokens.weight"
     for name, tensor in names.items():
         assert tensor.data_ptr() - names[base].data_ptr() == offsets[name] - offsets[base], name
+
+
+def test_fused_projections_hold_their_weights_once(model_dir: Path) -> None:
+    # q/k/v (and gate/up) are copied once into one fused weight; each projection is a view of its rows.
+    layer = load_checkpoint(model_dir, torch.float32).layers[0]
+    fused = layer.qkv
+    assert fused is not None and fused.weight is not None
+    start = fused.weight.data_ptr()
+    row = fused.weight.stride(0) * fused.weight.element_size()
+    rows = 0
+    for proj in (layer.q_proj, layer.k_proj, layer.v_proj):
+        assert proj.weight.data_ptr() == start + rows * row
+        rows += proj.weight.shape[0]
+    assert rows == fused.weight.shape[0]
 
 
 def test_bf16_setting_converts_weights(model_dir: Path) -> None:
