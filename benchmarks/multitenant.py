@@ -48,16 +48,11 @@ from benchmarks.report import table
 from benchmarks.workload import BenchRequest, ShareGPTShape
 from benchmarks.zoo_workload import (
     BASE_NAME,
-    LORA_RANKS,
-    LORA_TARGETS,
-    NUM_FULL_TOP,
     TENANTS,
     Workload,
-    WorkloadModel,
     WorkloadSpec,
     build_workload,
-    make_lora_adapter,
-    make_top_layer_fine_tune,
+    make_adapters_and_top_fine_tunes,
     open_zoo,
 )
 from blockzoo.settings import Settings
@@ -91,21 +86,7 @@ def build_smollm2_workload(root: Path, spec: WorkloadSpec) -> Workload:
 
     start = time.perf_counter()
     base = smollm2_hf_dir()
-    models: list[WorkloadModel] = []
-    i = 0
-    for targets_name, targets in LORA_TARGETS.items():
-        for rank in LORA_RANKS:
-            name = f"lora-{targets_name}-r{rank}"
-            log(f"adapter {len(models) + 1}/16: {name}")
-            make_lora_adapter(base, root / name, rank, targets, seed=100 + i, dtype=spec.dtype)
-            models.append(WorkloadModel(name, "lora", TENANTS[i % len(TENANTS)], root / name))
-            i += 1
-    top = list(range(spec.num_layers - spec.top_layers, spec.num_layers))
-    for k in range(NUM_FULL_TOP):
-        name = f"full-top{spec.top_layers}-{k}"
-        log(f"full fine-tune {k + 1}/{NUM_FULL_TOP}: {name} (layers {top} changed)")
-        make_top_layer_fine_tune(base, root / name, top, seed=200 + k, noise=spec.top_noise)
-        models.append(WorkloadModel(name, "full-top", TENANTS[(i + k) % len(TENANTS)], root / name))
+    models = make_adapters_and_top_fine_tunes(base, root, spec, log)
     return Workload(base, models, time.perf_counter() - start)
 
 

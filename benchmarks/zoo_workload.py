@@ -109,6 +109,28 @@ class Workload:
     build_seconds: float
 
 
+def make_adapters_and_top_fine_tunes(
+    base: Path, root: Path, spec: WorkloadSpec, log: Log
+) -> list[WorkloadModel]:
+    """The 16 LoRA adapters (ranks x target sets) and the top-layer full fine-tunes of `base`, under `root`."""
+    models: list[WorkloadModel] = []
+    i = 0
+    for targets_name, targets in LORA_TARGETS.items():
+        for rank in LORA_RANKS:
+            name = f"lora-{targets_name}-r{rank}"
+            log(f"adapter {len(models) + 1}/16: {name}")
+            make_lora_adapter(base, root / name, rank, targets, seed=100 + i, dtype=spec.dtype)
+            models.append(WorkloadModel(name, "lora", TENANTS[i % len(TENANTS)], root / name))
+            i += 1
+    top = list(range(spec.num_layers - spec.top_layers, spec.num_layers))
+    for k in range(NUM_FULL_TOP):
+        name = f"full-top{spec.top_layers}-{k}"
+        log(f"full fine-tune {k + 1}/{NUM_FULL_TOP}: {name} (layers {top} changed)")
+        make_top_layer_fine_tune(base, root / name, top, seed=200 + k, noise=spec.top_noise)
+        models.append(WorkloadModel(name, "full-top", TENANTS[(i + k) % len(TENANTS)], root / name))
+    return models
+
+
 def build_workload(root: Path, spec: WorkloadSpec, log: Log, include_slight: bool = True) -> Workload:
     """Write the base, the 16 adapters and the 5 full fine-tunes under `root` (4 without
     `include_slight`: only the top-layer ones)."""
@@ -129,21 +151,7 @@ def build_workload(root: Path, spec: WorkloadSpec, log: Log, include_slight: boo
         init_std=0.05,  # as build_llama_100m: peaked logits at width 768
         tokenizer_dir=root / "tokenizers",
     )
-    models: list[WorkloadModel] = []
-    i = 0
-    for targets_name, targets in LORA_TARGETS.items():
-        for rank in LORA_RANKS:
-            name = f"lora-{targets_name}-r{rank}"
-            log(f"adapter {len(models) + 1}/16: {name}")
-            make_lora_adapter(base, root / name, rank, targets, seed=100 + i, dtype=spec.dtype)
-            models.append(WorkloadModel(name, "lora", TENANTS[i % len(TENANTS)], root / name))
-            i += 1
-    top = list(range(spec.num_layers - spec.top_layers, spec.num_layers))
-    for k in range(NUM_FULL_TOP):
-        name = f"full-top{spec.top_layers}-{k}"
-        log(f"full fine-tune {k + 1}/{NUM_FULL_TOP}: {name} (layers {top} changed)")
-        make_top_layer_fine_tune(base, root / name, top, seed=200 + k, noise=spec.top_noise)
-        models.append(WorkloadModel(name, "full-top", TENANTS[(i + k) % len(TENANTS)], root / name))
+    models = make_adapters_and_top_fine_tunes(base, root, spec, log)
     if include_slight:
         log("full fine-tune 5/5: full-slight (every layer changed slightly)")
         make_slight_fine_tune(base, root / "full-slight", spec, seed=300)
