@@ -167,16 +167,24 @@ def start(data_dir: Path, port: int, env_overrides: dict[str, str]) -> ServerPro
             stderr=subprocess.STDOUT,
             env=env,
         )
-    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    return wait_ready(ServerProcess(proc, f"http://127.0.0.1:{port}", log_path), "/ready", "server")
+
+
+def wait_ready(
+    server: ServerProcess, path: str, what: str, timeout_s: float = READY_TIMEOUT_S
+) -> ServerProcess:
+    """`server` once GET `path` answers 200; its log's tail in the error if it exits or never does."""
+    proc = server.proc
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            log = server.log_path.read_text()[-4000:]
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log}")
         try:
-            if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server never became ready")
+    raise RuntimeError(f"{what} never became ready")

@@ -9,14 +9,13 @@ Both get the same number of compute threads.
 from __future__ import annotations
 
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.load_server import ServerProcess
+from benchmarks.load_server import ServerProcess, wait_ready
 from benchmarks.serving_server import GENEROUS
 from blockzoo.settings import Settings
 from blockzoo.zoo_factory import open_zoo
@@ -94,18 +93,7 @@ def start_llama_server(command: list[str], log_path: Path, port: int) -> ServerP
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("llama-server never became ready")
+    return wait_ready(server, "/health", "llama-server", READY_TIMEOUT_S)
 
 
 def tokenize(server_url: str, text: str) -> list[int]:
